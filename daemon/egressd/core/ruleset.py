@@ -1,0 +1,144 @@
+"""Rendering of the egressd nftables table from the plan. Pure: text in, text out.
+
+The templates live in the top-level ``nft/`` directory (shipped as ``egressd.nft``); the text is
+handed to libnftables as one transaction by the adapter, so the kernel switches from the old table
+to the new one atomically (``table``; ``delete table``; ``table {…}`` in one batch: there is never
+an empty or half-filled table)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+
+from .ipcache import Entry
+from .plan import ACCEPT, Plan, WorkspacePlan
+
+TABLE = "inet egressd"
+_TEMPLATES = resources.files("egressd.nft")
+_TABLE_T = Template(_TEMPLATES.joinpath("table.nft").read_text())
+_WS_T = Template(_TEMPLATES.joinpath("workspace.nft").read_text())
+_INDENT = "\t\t"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    generation: int
+    dns_port: int
+    deny_action: str  # "reject" | "drop"
+
+
+def _elements(items: list[str]) -> str:
+    if not items:
+        return ""
+    return f"{_INDENT}elements = {{ {', '.join(items)} }}"
+
+
+def _quote(text: str) -> str:
+    # Element comments hold DNS names ([a-z0-9._-]); anything else is dropped, never escaped.
+    safe = "".join(c for c in text if c.isalnum() or c in "._-*")[:120]
+    return f'"{safe}"'
+
+
+def dyn_element(ip: str, timeout_s: int, name: str, expires_s: float | None = None) -> str:
+    """One timeout-set element, as added at run time or carried over a re-render."""
+    text = f"{ip} timeout {int(timeout_s)}s"
+    if expires_s is not None:
+        text += f" expires {max(int(expires_s * 1000), 1)}ms"
+    return f"{text} comment {_quote(name)}"
+
+
+def _dyn(entries: Iterable[Entry], now: float, v6: bool) -> list[str]:
+    out = []
+    for e in entries:
+        if (":" in e.ip) != v6:
+            continue
+        remaining = e.expires - now
+        if remaining <= 0.001:
+            continue
+        timeout = max(int(remaining) + 1, 1)
+        out.append(dyn_element(e.ip, timeout, e.name, remaining))
+    return out
+
+
+def _nets(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> list[str]:
+    # Interval sets reject overlapping elements: collapse them first.
+    return [str(n) for n in ipaddress.collapse_addresses(sorted(nets))] if nets else []
+
+
+def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float) -> str:
+    cp = ws.compiled
+    return _WS_T.substitute(
+        workspace_id=ws.workspace_id,
+        policy_id=ws.policy.network_policy_id,
+        restriction=ws.policy.restriction_mode.value,
+        key=ws.key,
+        dyn4=_elements(_dyn(dyn, now, v6=False)),
+        dyn6=_elements(_dyn(dyn, now, v6=True)),
+        net4=_elements(_nets(cp.allowed_networks_v4)),
+        net6=_elements(_nets(cp.allowed_networks_v6)),
+        blk4=_elements(_nets(cp.blocked_networks_v4)),
+        blk6=_elements(_nets(cp.blocked_networks_v6)),
+    )
+
+
+def render_table(plan: Plan, dyn: Mapping[str, list[Entry]], now: float, opts: RenderOptions) -> str:
+    """The whole table. dyn: workspace id -> live entries of its timeout sets."""
+    vmap4: list[str] = []
+    vmap6: list[str] = []
+    src4: list[str] = []
+    src6: list[str] = []
+    for w in plan.workloads:
+        chain = plan.workspace_of(w).chain_for(w.product)
+        verdict = f"goto {chain}" if chain else ACCEPT
+        for net in w.sources:
+            if net.version == 4:
+                vmap4.append(f"{net} : {verdict}")
+                src4.append(str(net))
+            else:
+                vmap6.append(f"{net} : {verdict}")
+                src6.append(str(net))
+    blocks = [
+        _render_workspace(ws, dyn.get(ws.workspace_id, []), now)
+        for ws in plan.workspaces.values()
+        if ws.restricted
+    ]
+    if opts.deny_action == "drop":
+        deny = f"{_INDENT}counter drop"
+    else:
+        deny = f"{_INDENT}meta l4proto tcp counter reject with tcp reset\n{_INDENT}counter reject with icmpx admin-prohibited"
+    return _TABLE_T.substitute(
+        generation=opts.generation,
+        workload_verdict_v4=_elements(vmap4),
+        workload_verdict_v6=_elements(vmap6),
+        workload_src_v4=_elements(src4),
+        workload_src_v6=_elements(src6),
+        workspaces="\n".join(blocks),
+        deny_action=opts.deny_action,
+        deny_rules=deny,
+        dns_port=opts.dns_port,
+    )
+
+
+def replace_table(table_text: str) -> str:
+    """A transaction that swaps in table_text for whatever egressd table exists (or none)."""
+    return f"table {TABLE}\ndelete table {TABLE}\n{table_text}"
+
+
+def delete_table() -> str:
+    return f"table {TABLE}\ndelete table {TABLE}\n"
+
+
+def program_elements(ws: WorkspacePlan, entries: Iterable[tuple[str, int]], name: str) -> str:
+    """Commands that put IPs into a workspace's timeout sets, resetting each entry's timeout
+    (add, delete, add in one transaction works on kernels that do not update timeouts on add)."""
+    lines = []
+    for ip, timeout in entries:
+        s = f"{ws.key}_dyn6" if ":" in ip else f"{ws.key}_dyn4"
+        elem = dyn_element(ip, timeout, name)
+        lines.append(f"add element {TABLE} {s} {{ {elem} }}")
+        lines.append(f"delete element {TABLE} {s} {{ {ip} }}")
+        lines.append(f"add element {TABLE} {s} {{ {elem} }}")
+    return "\n".join(lines)

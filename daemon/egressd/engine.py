@@ -1,0 +1,196 @@
+"""The engine: the one place that owns the live state, the plan, the kernel table and the IP cache.
+
+    policies, bindings, workloads ──build_plan──▶ Plan ──render_table──▶ nft transaction
+                                                   │
+    DNS shim ── classify(src, query) ──────────────┤  verdict per (workload, name)
+             ── program(target, answer IPs) ──▶ IpCache ──▶ add element … (before the answer leaves)
+
+A change is validated and rendered first, applied as one transaction, and only then swapped in, so a
+change that fails leaves the kernel and the in-memory state as they were."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from .core.config import Config
+from .core.dnsmsg import Query
+from .core.ipcache import IpCache
+from .core.plan import Plan, build_plan
+from .core.policy import Policy
+from .core.ruleset import RenderOptions, delete_table, program_elements, render_table, replace_table
+from .core.verdict import Decision, Verdict
+from .core.workloads import Workload
+from .libnft import Nft
+from .shim import ShimAction
+
+log = structlog.get_logger("egressd.engine")
+
+_PROBE_PRODUCT = "GENERAL_COMPUTE"
+
+
+@dataclass(frozen=True)
+class State:
+    policies: Mapping[str, Policy]
+    bindings: Mapping[str, str]
+    workloads: tuple[Workload, ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the shim hands back with an allowed answer: whose sets get its IPs."""
+
+    workspace_id: str
+    name: str
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: Config,
+        nft: Nft,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        node_addresses: Iterable[str] = (),
+        on_denial: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.nft = nft
+        self.clock = clock
+        self.node_addresses = {ipaddress.ip_address(a) for a in node_addresses}
+        self.on_denial = on_denial
+        self.cache = IpCache()
+        self.state: State | None = None
+        self.plan: Plan | None = None
+        self.generation = 0
+        self.last_apply_ms = 0.0
+        self.counters = {"programmed_ips": 0, "program_errors": 0}
+
+    # --- the ruleset -------------------------------------------------------------------------
+    def adopt(self) -> int:
+        """Take over the egressd table left by a previous run: its generation and its live
+        timeout-set entries. Returns the number of entries adopted."""
+        objs = self.nft.list_json("table inet egressd")
+        now = self.clock()
+        adopted = 0
+        for o in objs:
+            if "table" in o:
+                comment = o["table"].get("comment", "")
+                if comment.startswith("egressd generation="):
+                    try:
+                        self.generation = max(self.generation, int(comment.split("=", 1)[1]))
+                    except ValueError:
+                        pass
+            s = o.get("set")
+            if not s or not s["name"].startswith("ws_") or s["name"][-5:] not in ("_dyn4", "_dyn6"):
+                continue
+            ws = s["name"][3:-5]
+            for el in s.get("elem", []):
+                e = el.get("elem") if isinstance(el, dict) else None
+                if not e or "expires" not in e:
+                    continue
+                self.cache.adopt(ws, str(e["val"]), str(e.get("comment", "")), now + float(e["expires"]))
+                adopted += 1
+        return adopted
+
+    def apply(self, state: State, *, reason: str) -> int:
+        """Validate, render and apply a new state as one transaction. Raises ValidationError or
+        ApplyError, changing nothing; on success returns the new generation."""
+        t0 = time.perf_counter()
+        plan = build_plan(state.policies, state.bindings, state.workloads)
+        cache = self._cache_for(plan)
+        now = self.clock()
+        gen = self.generation + 1
+        text = render_table(
+            plan,
+            {ws: list(cache.entries(ws, now)) for ws in cache.workspaces()},
+            now,
+            RenderOptions(gen, self.cfg.dns.listen_port, self.cfg.enforcement.deny_action),
+        )
+        self.nft.run(replace_table(text))
+        old = self.generation
+        self.state, self.plan, self.cache, self.generation = state, plan, cache, gen
+        self.last_apply_ms = (time.perf_counter() - t0) * 1000
+        log.info(
+            "ruleset_applied",
+            reason=reason,
+            old_generation=old,
+            generation=gen,
+            duration_ms=round(self.last_apply_ms, 2),
+            workspaces=len(plan.workspaces),
+            workloads=len(plan.workloads),
+        )
+        return gen
+
+    def _cache_for(self, plan: Plan) -> IpCache:
+        """The IP cache as the new plan allows it: names no longer allowed are withdrawn."""
+        cache = IpCache()
+        now = self.clock()
+        for ws in self.cache.workspaces():
+            wp = plan.workspaces.get(ws)
+            if wp is None or not wp.restricted:
+                continue
+            for e in self.cache.entries(ws, now):
+                if wp.compiled.decide_name(e.name, _PROBE_PRODUCT).verdict == Verdict.ALLOW:
+                    cache.adopt(ws, e.ip, e.name, e.expires)
+        return cache
+
+    def uninstall(self) -> None:
+        self.nft.run(delete_table())
+
+    def expire(self) -> int:
+        return self.cache.expire(self.clock())
+
+    # --- the DNS path ------------------------------------------------------------------------
+    def workload_of(self, src: str) -> Workload | None:
+        return self.plan.index.lookup(src) if self.plan else None
+
+    def _is_node(self, src: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(src)
+        except ValueError:
+            return False
+        return ip.is_loopback or ip in self.node_addresses
+
+    def classify(self, src: str, q: Query) -> ShimAction:
+        wl = self.workload_of(src)
+        if wl is None:
+            # The node itself is unrestricted; anybody else gets no answer (never an open resolver).
+            return ShimAction("forward") if self._is_node(src) else ShimAction("ignore")
+        wp = self.plan.workspace_of(wl)
+        if not wp.restricted:
+            return ShimAction("forward")
+        d = wp.compiled.decide_name(q.qname, wl.product)
+        if d.verdict == Verdict.ALLOW:
+            return ShimAction("forward", target=Target(wp.workspace_id, q.qname))
+        self._denied(wl, d, q)
+        if d.verdict == Verdict.LOG_ONLY_DENIAL:
+            return ShimAction("forward")
+        text = f"egressd: {q.qname} blocked by network policy {d.network_policy_id} ({d.reason})"
+        return ShimAction("deny", rcode=self.cfg.dns.deny_rcode_value, ede_text=text)
+
+    def _denied(self, wl: Workload, d: Decision, q: Query) -> None:
+        if self.on_denial is not None:
+            self.on_denial({"kind": "dns", "workload": wl, "decision": d, "qname": q.qname, "qtype": q.qtype})
+
+    async def program(self, target: object, addrs: tuple[tuple[str, int], ...]) -> None:
+        """Put an allowed answer's IPs into its workspace's sets. Returns once the kernel has them."""
+        assert isinstance(target, Target)
+        wp = self.plan.workspaces.get(target.workspace_id) if self.plan else None
+        if wp is None or not wp.restricted:
+            return
+        addrs = addrs[: self.cfg.dns.max_ips_per_name]
+        todo = self.cache.record(target.workspace_id, target.name, addrs, self.cfg.dns.min_ttl, self.clock())
+        if not todo:
+            return
+        try:
+            self.nft.run(program_elements(wp, todo, target.name))
+        except Exception:
+            self.cache.forget(target.workspace_id, (ip for ip, _ in todo))
+            self.counters["program_errors"] += 1
+            raise
+        self.counters["programmed_ips"] += len(todo)

@@ -78,14 +78,14 @@ class Engine:
         now = self.clock()
         adopted = 0
         for o in objs:
-            if "table" in o:
-                comment = o["table"].get("comment", "")
-                if comment.startswith("egressd generation="):
-                    try:
-                        self.generation = max(self.generation, int(comment.split("=", 1)[1]))
-                    except ValueError:
-                        pass
             s = o.get("set")
+            # libnftables' JSON omits table comments; the generation rides on a set's comment too.
+            comment = (s or {}).get("comment", "")
+            if comment.startswith("egressd generation="):
+                try:
+                    self.generation = max(self.generation, int(comment.split("=", 1)[1]))
+                except ValueError:
+                    pass
             if not s or not s["name"].startswith("ws_") or s["name"][-5:] not in ("_dyn4", "_dyn6"):
                 continue
             ws = s["name"][3:-5]

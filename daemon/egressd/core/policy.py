@@ -1,0 +1,321 @@
+"""The policy model: an ``AccountNetworkPolicy`` JSON object, validated into frozen dataclasses.
+
+``parse_policy`` checks the whole object and reports every problem at once, each with its key path
+(``egress.network_access.allowed_internet_destinations[3].destination``). Unknown keys are errors,
+so a typo never silently weakens a policy; only a top-level ``account_id`` is accepted and ignored.
+A null value counts as absent. ``Policy.to_dict`` gives the canonical object back, and
+``parse_policy(p.to_dict()) == p`` for every policy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ..errors import FieldError, ValidationError
+from .names import normalize_pattern
+from .storage import StorageDestination, json_type, parse_storage_destination, quote, unknown_key_errors
+
+__all__ = [
+    "RestrictionMode",
+    "EnforcementMode",
+    "DestinationType",
+    "PRODUCTS",
+    "POLICY_ID_RE",
+    "DEFAULT_POLICY_ID",
+    "InternetDestination",
+    "Policy",
+    "parse_policy",
+    "parse_internet_destination",
+    "default_policy",
+]
+
+
+class RestrictionMode(StrEnum):
+    FULL_ACCESS = "FULL_ACCESS"
+    RESTRICTED_ACCESS = "RESTRICTED_ACCESS"
+
+
+class EnforcementMode(StrEnum):
+    ENFORCED = "ENFORCED"
+    DRY_RUN = "DRY_RUN"
+
+
+class DestinationType(StrEnum):
+    DNS_NAME = "DNS_NAME"
+    IP_RANGE = "IP_RANGE"
+
+
+PRODUCTS = ("DBSQL", "ML_SERVING", "GENERAL_COMPUTE", "ML_BUILD", "APPS")
+POLICY_ID_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,32}$")
+DEFAULT_POLICY_ID = "default-policy"
+
+_TOP_KEYS = ("network_policy_id", "egress", "account_id")
+_EGRESS_KEYS = ("network_access",)
+_ACCESS_KEYS = (
+    "restriction_mode",
+    "allowed_internet_destinations",
+    "blocked_internet_destinations",
+    "allowed_storage_destinations",
+    "policy_enforcement",
+)
+_DEST_KEYS = ("destination", "internet_destination_type")
+_ENFORCEMENT_KEYS = ("enforcement_mode", "dry_run_mode_product_filter")
+
+
+@dataclass(frozen=True)
+class InternetDestination:
+    """A normalized DNS_NAME pattern, or a canonical CIDR string for IP_RANGE."""
+
+    destination: str
+    type: DestinationType = DestinationType.DNS_NAME
+
+    def to_dict(self) -> dict[str, str]:
+        return {"destination": self.destination, "internet_destination_type": self.type.value}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated AccountNetworkPolicy. Destination lists are kept under FULL_ACCESS but unused."""
+
+    network_policy_id: str
+    restriction_mode: RestrictionMode = RestrictionMode.FULL_ACCESS
+    allowed_internet: tuple[InternetDestination, ...] = ()
+    blocked_internet: tuple[InternetDestination, ...] = ()
+    allowed_storage: tuple[StorageDestination, ...] = ()
+    enforcement_mode: EnforcementMode = EnforcementMode.ENFORCED
+    dry_run_products: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def restricted(self) -> bool:
+        return self.restriction_mode is RestrictionMode.RESTRICTED_ACCESS
+
+    def is_dry_run(self, product: str) -> bool:
+        """True when denials for this product are only logged. An empty filter means all products."""
+        if self.enforcement_mode is not EnforcementMode.DRY_RUN:
+            return False
+        return not self.dry_run_products or product in self.dry_run_products
+
+    def destination_count(self) -> int:
+        """Entries that count toward max_destinations: allowed internet plus allowed storage."""
+        return len(self.allowed_internet) + len(self.allowed_storage)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical SPEC-shaped JSON object, with every list present."""
+        return {
+            "network_policy_id": self.network_policy_id,
+            "egress": {
+                "network_access": {
+                    "restriction_mode": self.restriction_mode.value,
+                    "allowed_internet_destinations": [d.to_dict() for d in self.allowed_internet],
+                    "blocked_internet_destinations": [d.to_dict() for d in self.blocked_internet],
+                    "allowed_storage_destinations": [d.to_dict() for d in self.allowed_storage],
+                    "policy_enforcement": {
+                        "enforcement_mode": self.enforcement_mode.value,
+                        "dry_run_mode_product_filter": [p for p in PRODUCTS if p in self.dry_run_products],
+                    },
+                }
+            },
+        }
+
+
+def default_policy() -> Policy:
+    """The built-in ``default-policy``: FULL_ACCESS, enforced."""
+    return Policy(DEFAULT_POLICY_ID)
+
+
+class _Parser:
+    """Walks one policy object, collecting FieldErrors instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[FieldError] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(FieldError(path, message))
+
+    def object(self, value: Any, path: str, keys: tuple[str, ...]) -> Mapping[str, Any] | None:
+        """The value as a mapping with only known keys checked, or None (absent or wrong type)."""
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            self.error(path, f"must be an object, got {json_type(value)}")
+            return None
+        self.errors.extend(unknown_key_errors(value, keys, path))
+        return value
+
+    def list(self, value: Any, path: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(path, f"must be a list, got {json_type(value)}")
+            return []
+        return value
+
+    def enum(self, value: Any, path: str, enum: type[StrEnum]) -> Any:
+        valid = [m.value for m in enum]
+        if isinstance(value, str) and value in valid:
+            return enum(value)
+        self.error(path, f"{quote(value)} must be one of {', '.join(valid)}")
+        return None
+
+    def policy_id(self, value: Any) -> str | None:
+        if value is None:
+            self.error("network_policy_id", "is required")
+        elif not isinstance(value, str):
+            self.error("network_policy_id", f"must be a string, got {json_type(value)}")
+        elif not POLICY_ID_RE.fullmatch(value):
+            self.error("network_policy_id", f"{quote(value)} must match {POLICY_ID_RE.pattern}")
+        else:
+            return value
+        return None
+
+    def destinations(self, value: Any, path: str) -> tuple[InternetDestination, ...]:
+        out: list[InternetDestination] = []
+        seen: dict[InternetDestination, int] = {}
+        for i, item in enumerate(self.list(value, path)):
+            item_path = f"{path}[{i}]"
+            try:
+                dest = parse_internet_destination(item, item_path)
+            except ValidationError as exc:
+                self.errors.extend(exc.errors)
+                continue
+            if dest in seen:
+                list_name = path.rsplit(".", 1)[-1]
+                message = f"{quote(dest.destination)} duplicates {list_name}[{seen[dest]}]"
+                self.error(f"{item_path}.destination", message)
+                continue
+            seen[dest] = i
+            out.append(dest)
+        return tuple(out)
+
+    def storage(self, value: Any, path: str) -> tuple[StorageDestination, ...]:
+        out: list[StorageDestination] = []
+        seen: dict[StorageDestination, int] = {}
+        for i, item in enumerate(self.list(value, path)):
+            try:
+                dest = parse_storage_destination(item, f"{path}[{i}]")
+            except ValidationError as exc:
+                self.errors.extend(exc.errors)
+                continue
+            if dest in seen:
+                self.error(f"{path}[{i}]", f"{dest.describe()} duplicates allowed_storage_destinations[{seen[dest]}]")
+                continue
+            seen[dest] = i
+            out.append(dest)
+        return tuple(out)
+
+    def products(self, value: Any, path: str) -> frozenset[str]:
+        out: set[str] = set()
+        for i, item in enumerate(self.list(value, path)):
+            if not isinstance(item, str) or item not in PRODUCTS:
+                self.error(f"{path}[{i}]", f"{quote(item)} must be one of {', '.join(PRODUCTS)}")
+            elif item in out:
+                self.error(f"{path}[{i}]", f"{quote(item)} is listed twice")
+            else:
+                out.add(item)
+        return frozenset(out)
+
+
+def parse_internet_destination(obj: Any, path: str) -> InternetDestination:
+    """Validate one internet destination entry; raise ValidationError with every problem."""
+    if not isinstance(obj, Mapping):
+        raise ValidationError([FieldError(path, f"must be an object, got {json_type(obj)}")])
+    p = _Parser()
+    p.errors.extend(unknown_key_errors(obj, _DEST_KEYS, path))
+    kind = DestinationType.DNS_NAME
+    if obj.get("internet_destination_type") is not None:
+        kind = p.enum(obj["internet_destination_type"], f"{path}.internet_destination_type", DestinationType)
+    raw = obj.get("destination")
+    dest_path = f"{path}.destination"
+    value = None
+    if raw is None:
+        p.error(dest_path, "is required")
+    elif not isinstance(raw, str):
+        p.error(dest_path, f"must be a string, got {json_type(raw)}")
+    elif kind is DestinationType.DNS_NAME:
+        value = _parse_dns_pattern(raw, dest_path, p)
+    elif kind is DestinationType.IP_RANGE:
+        value = _parse_cidr(raw, dest_path, p)
+    if p.errors or value is None or kind is None:
+        raise ValidationError(p.errors)
+    return InternetDestination(value, kind)
+
+
+def _parse_dns_pattern(raw: str, path: str, p: _Parser) -> str | None:
+    try:
+        ipaddress.ip_network(raw.strip())
+    except ValueError:
+        pass
+    else:
+        message = "is an IP address or range, not a DNS_NAME (use internet_destination_type IP_RANGE)"
+        p.error(path, f"{quote(raw)} {message}")
+        return None
+    try:
+        return normalize_pattern(raw)
+    except ValueError as exc:
+        p.error(path, f"{quote(raw)} is not a valid DNS_NAME pattern ({exc})")
+        return None
+
+
+def _parse_cidr(raw: str, path: str, p: _Parser) -> str | None:
+    text = raw.strip()
+    try:
+        return str(ipaddress.ip_network(text))
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        p.error(path, f"{quote(raw)} is not a valid IP_RANGE (expected an IPv4 or IPv6 CIDR like 198.51.100.0/24)")
+        return None
+    p.error(path, f"{quote(raw)} is not a valid IP_RANGE (host bits are set; did you mean {loose}?)")
+    return None
+
+
+def parse_policy(obj: Any) -> Policy:
+    """Validate an AccountNetworkPolicy JSON object. Raise ValidationError listing every problem.
+
+    Without ``egress`` the policy is FULL_ACCESS; with it, ``restriction_mode`` is required.
+    """
+    p = _Parser()
+    if not isinstance(obj, Mapping):
+        raise ValidationError([FieldError("", f"a policy must be a JSON object, got {json_type(obj)}")])
+    top = p.object(obj, "", _TOP_KEYS) or {}
+    policy_id = p.policy_id(top.get("network_policy_id"))
+    egress = p.object(top.get("egress"), "egress", _EGRESS_KEYS)
+    if egress is None:
+        if p.errors:
+            raise ValidationError(p.errors)
+        return Policy(policy_id or DEFAULT_POLICY_ID)
+    path = "egress.network_access"
+    access = p.object(egress.get("network_access"), path, _ACCESS_KEYS)
+    if access is None:
+        if egress.get("network_access") is None:
+            p.error(path, "is required when egress is given")
+        raise ValidationError(p.errors)
+    mode = None
+    if access.get("restriction_mode") is None:
+        p.error(f"{path}.restriction_mode", "is required (FULL_ACCESS or RESTRICTED_ACCESS)")
+    else:
+        mode = p.enum(access["restriction_mode"], f"{path}.restriction_mode", RestrictionMode)
+    allowed = p.destinations(access.get("allowed_internet_destinations"), f"{path}.allowed_internet_destinations")
+    blocked = p.destinations(access.get("blocked_internet_destinations"), f"{path}.blocked_internet_destinations")
+    storage = p.storage(access.get("allowed_storage_destinations"), f"{path}.allowed_storage_destinations")
+    enforcement_path = f"{path}.policy_enforcement"
+    enforcement = p.object(access.get("policy_enforcement"), enforcement_path, _ENFORCEMENT_KEYS) or {}
+    enforcement_mode = EnforcementMode.ENFORCED
+    if enforcement.get("enforcement_mode") is not None:
+        enforcement_mode = p.enum(
+            enforcement["enforcement_mode"], f"{enforcement_path}.enforcement_mode", EnforcementMode
+        )
+    products = p.products(
+        enforcement.get("dry_run_mode_product_filter"), f"{enforcement_path}.dry_run_mode_product_filter"
+    )
+    if p.errors:
+        raise ValidationError(p.errors)
+    assert policy_id is not None and mode is not None and enforcement_mode is not None
+    return Policy(policy_id, mode, allowed, blocked, storage, enforcement_mode, products)

@@ -1,0 +1,96 @@
+"""Starting over an existing table, and restarting, never opens a restricted workload."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import time
+
+import pytest
+
+from egressd.lab import Lab, world
+from egressd.lab.daemonproc import DaemonProc
+
+PROBE = textwrap.dedent(
+    """
+    import socket, sys, time
+    denied, allowed, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    end = time.monotonic() + seconds
+    through = allowed_fail = tries = 0
+    while time.monotonic() < end:
+        tries += 1
+        for ip, bad in ((denied, True), (allowed, False)):
+            try:
+                socket.create_connection((ip, 80), timeout=0.2).close()
+                through += bad
+            except OSError:
+                allowed_fail += not bad
+        time.sleep(0.02)
+    print(tries, through, allowed_fail)
+    """
+)
+
+
+@pytest.fixture
+def lab():
+    with Lab(workloads=3, records=world.records(race=0), cnames=world.CNAMES) as lab:
+        yield lab
+
+
+def generation(lab) -> int:
+    out = lab.run(lab.node_ns, ["nft", "list", "table", "inet", "egressd"], check=True).stdout
+    return int(re.search(r'comment "egressd generation=(\d+)"', out).group(1))
+
+
+def test_start_replaces_a_stale_table_in_one_transaction(lab):
+    # A table left by something else, with a junk chain, a junk set and a hook that drops everything.
+    lab.run(
+        lab.node_ns,
+        ["nft", "add table inet egressd; add set inet egressd junk { type ipv4_addr; };"
+         " add chain inet egressd junkfwd { type filter hook forward priority 0; policy drop; }"],
+        check=True,
+    )
+    d = DaemonProc(lab, world.write_config(lab))
+    d.start()
+    try:
+        out = lab.run(lab.node_ns, ["nft", "list", "ruleset"], check=True).stdout
+        assert "junk" not in out
+        assert out.count("table inet egressd") == 1
+        w1, w3 = lab.workloads[0], lab.workloads[2]
+        assert lab.curl(w1, "http://pypi.org/")[0] == 200
+        assert lab.curl(w3, "http://192.0.2.99/")[0] == 200
+        assert lab.curl(w1, "http://192.0.2.99/")[0] is None
+    finally:
+        d.stop()
+
+
+def test_restart_keeps_restricted_closed_and_resolved_ips_open(lab):
+    w1 = lab.workloads[0]
+    config = world.write_config(lab)
+    d = DaemonProc(lab, config)
+    d.start()
+    assert lab.dig(w1, "pypi.org").status == "NOERROR"
+    g1 = generation(lab)
+    probe = lab.popen(w1.netns, [__import__("sys").executable, "-c", PROBE, "192.0.2.99", "198.51.100.10", "4"],
+                      stdout=__import__("subprocess").PIPE, text=True)
+    time.sleep(0.5)
+    d.stop()
+    # No daemon: the rules stay (fail closed); the resolved IP still works, DNS does not.
+    assert lab.curl(w1, "http://192.0.2.99/")[0] is None
+    assert lab.curl(w1, "http://198.51.100.10/")[0] == 200
+    assert lab.dig(w1, "pypi.org", timeout=2).status in (None, "SERVFAIL")
+    time.sleep(0.5)
+    d2 = DaemonProc(lab, config, name="egressd2")
+    d2.start()
+    try:
+        out, _ = probe.communicate(timeout=10)
+        tries, through, allowed_fail = map(int, out.split())
+        assert tries > 50
+        assert through == 0, "a denied IP got through during the restart"
+        assert allowed_fail == 0, "a resolved IP was closed during the restart"
+        assert generation(lab) == g1 + 1
+        # the adopted entry is still there, and DNS answers again
+        assert "198.51.100.10" in lab.run(lab.node_ns, ["nft", "list", "set", "inet", "egressd", "ws_1001_dyn4"]).stdout
+        assert lab.dig(w1, "pypi.org").status == "NOERROR"
+    finally:
+        d2.stop()

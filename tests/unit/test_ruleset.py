@@ -1,0 +1,94 @@
+"""The plan and the rendered ruleset, checked as text (the kernel check is in tests/priv)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from egressd.core.ipcache import Entry
+from egressd.core.plan import build_plan
+from egressd.core.policy import default_policy, parse_policy
+from egressd.core.ruleset import RenderOptions, program_elements, render_table, replace_table
+from egressd.core.workloads import Workload
+from egressd.errors import ValidationError
+from egressd.lab import world
+
+
+def wl(wid, ws, product, *sources):
+    return Workload(wid, ws, product, tuple(ipaddress.ip_network(s) for s in sources))
+
+
+@pytest.fixture
+def policies():
+    return {
+        "restricted-etl": parse_policy(world.policy("restricted-etl")),
+        "dry": parse_policy(world.policy("dry", dry_run=True, products=["DBSQL"])),
+        "default-policy": default_policy(),
+    }
+
+
+def test_workloads_dispatch_by_source_to_their_workspace_chain(policies):
+    plan = build_plan(
+        policies,
+        {"1": "restricted-etl", "2": "dry"},
+        [
+            wl("a", "1", "GENERAL_COMPUTE", "10.77.1.2/32", "2001:db8:77:1::2/128"),
+            wl("b", "2", "DBSQL", "10.77.2.2/32"),  # in the dry-run filter
+            wl("c", "2", "APPS", "10.77.4.2/32"),  # not in it: enforced
+            wl("d", "3", "APPS", "10.77.3.0/24"),  # unbound: default-policy, full access
+        ],
+    )
+    text = render_table(plan, {}, 0.0, RenderOptions(7, 10053, "reject"))
+    assert "10.77.1.2/32 : goto ws_1_enf" in text
+    assert "2001:db8:77:1::2/128 : goto ws_1_enf" in text
+    assert "10.77.2.2/32 : goto ws_2_dry" in text
+    assert "10.77.4.2/32 : goto ws_2_enf" in text
+    assert "10.77.3.0/24 : accept" in text
+    assert "ws_3_" not in text  # full access needs no sets or chains
+    assert 'comment "egressd generation=7"' in text
+    assert "redirect to :10053" in text
+    assert "reject with tcp reset" in text and "icmpx admin-prohibited" in text
+
+
+def test_ip_ranges_and_blocked_ranges_go_to_interval_sets(policies):
+    doc = world.policy("p")
+    doc["egress"]["network_access"]["blocked_internet_destinations"].append(
+        {"destination": "203.0.113.128/26", "internet_destination_type": "IP_RANGE"}
+    )
+    pols = dict(policies, p=parse_policy(doc))
+    plan = build_plan(pols, {"1": "p"}, [wl("a", "1", "APPS", "10.77.1.2/32")])
+    text = render_table(plan, {}, 0.0, RenderOptions(1, 10053, "drop"))
+    assert "elements = { 203.0.113.128/25 }" in text
+    assert "elements = { 203.0.113.128/26 }" in text
+    assert "counter drop" in text and "reject with" not in text.split("chain deny")[1].split("}")[0]
+
+
+def test_live_entries_are_carried_with_remaining_time(policies):
+    plan = build_plan(policies, {"1": "restricted-etl"}, [wl("a", "1", "APPS", "10.77.1.2/32")])
+    dyn = {"1": [Entry("198.51.100.10", 130.0, "pypi.org"), Entry("2001:db8:ff::10", 100.5, "pypi.org"), Entry("192.0.2.9", 99.0, "old")]}
+    text = render_table(plan, dyn, 100.0, RenderOptions(1, 10053, "reject"))
+    assert '198.51.100.10 timeout 31s expires 30000ms comment "pypi.org"' in text
+    assert "2001:db8:ff::10 timeout 1s expires 500ms" in text
+    assert "192.0.2.9" not in text  # already expired
+
+
+def test_replace_is_one_transaction_that_works_with_or_without_a_table():
+    tx = replace_table("table inet egressd {\n}")
+    assert tx.splitlines()[:2] == ["table inet egressd", "delete table inet egressd"]
+
+
+def test_program_elements_resets_timeouts_and_sanitises_comments(policies):
+    plan = build_plan(policies, {"1": "restricted-etl"}, [wl("a", "1", "APPS", "10.77.1.2/32")])
+    text = program_elements(plan.workspaces["1"], [("192.0.2.1", 31), ("2001:db8::1", 61)], 'x"; flush ruleset')
+    lines = text.splitlines()
+    assert lines[0] == 'add element inet egressd ws_1_dyn4 { 192.0.2.1 timeout 31s comment "xflushruleset" }'
+    assert lines[1] == "delete element inet egressd ws_1_dyn4 { 192.0.2.1 }"
+    assert lines[3].startswith("add element inet egressd ws_1_dyn6 { 2001:db8::1 timeout 61s")
+
+
+def test_plan_refuses_unknown_policy_and_overlapping_sources(policies):
+    with pytest.raises(ValidationError, match="does not exist"):
+        build_plan(policies, {"1": "nope"}, [])
+    with pytest.raises(ValidationError, match="overlap"):
+        build_plan(policies, {}, [wl("a", "1", "APPS", "10.77.1.0/24"), wl("b", "2", "APPS", "10.77.1.2/32")])

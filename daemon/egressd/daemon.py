@@ -1,27 +1,34 @@
 """`egressd run`: the one place that wires the adapters around the core.
 
 Start-up order makes the node fail closed: the ruleset is applied (taking over any table a previous
-run left, in one transaction) before the shim listens, and READY=1 is sent only once both are up.
-On stop the rules stay in the kernel: restricted workloads stay restricted while no daemon runs."""
+run left, in one transaction) before the shim listens, and READY=1 is sent only once the ruleset,
+the shim and the API are all up. On stop the rules stay in the kernel: restricted workloads stay
+restricted while no daemon runs."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
 from pyroute2 import IPRoute
 
 from . import __version__
+from .admin import Admin
+from .api.server import make_app, read_token, serve, socket_group_gid
 from .baked import Baked, load_baked
-from .engine import Engine, State
+from .engine import Engine
 from .errors import EgressdError
-from .logs import setup as setup_logging
 from .libnft import Nft
+from .logs import setup as setup_logging
+from .metrics import Exposition
 from .sdnotify import Notifier
 from .shim import DnsShim
+from .statestore import StateStore
 
 log = structlog.get_logger("egressd.daemon")
 
@@ -36,29 +43,39 @@ def node_addresses() -> list[str]:
 class Daemon:
     def __init__(self, config_path: str | Path, baked: Baked) -> None:
         self.config_path = Path(config_path)
-        self.baked = baked
         self.cfg = baked.config
+        self.node = self.cfg.node or socket.gethostname()
         self.notifier = Notifier()
         self.engine = Engine(self.cfg, Nft(), node_addresses=node_addresses())
+        self.admin = Admin(self.engine, StateStore(self.cfg.state.dir), baked)
         self.shim: DnsShim | None = None
         self.started = time.time()
+        self.last_apply_wall: float | None = None
         self._stop = asyncio.Event()
-
-    def _state(self, baked: Baked) -> State:
-        return State(dict(baked.policies), dict(baked.bindings), tuple(baked.workloads))
+        api = self.cfg.api
+        self.token = read_token(api.token_file) if api.tcp_listen and api.token_file else None
+        if api.tcp_listen and not self.token:
+            raise EgressdError("api.tcp_listen needs api.token_file")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         adopted = self.engine.adopt()
-        self.engine.apply(self._state(self.baked), reason="start")
+        self.admin.start()
+        self.last_apply_wall = time.time()
         cfg = self.cfg.dns
         self.shim = DnsShim(
             upstreams=cfg.upstreams,
             classify=self.engine.classify,
             program=self.engine.program,
             total_timeout=cfg.upstream_timeout_ms / 1000,
+            known_client=lambda ip: self.engine.workload_of(ip) is not None,
         )
         await self.shim.start([("0.0.0.0", cfg.listen_port), ("::", cfg.listen_port)])
+        gid = socket_group_gid(self.cfg.api.socket_group)
+        if gid is None:
+            log.warning("api_socket_group_missing", group=self.cfg.api.socket_group, note="socket is root-only")
+        app = make_app(self.admin, status=self.status, metrics=self.metrics, token=self.token, socket_gid=gid)
+        runner = await serve(app, socket_path=self.cfg.api.socket, socket_gid=gid, tcp=self.cfg.api.tcp_listen)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
@@ -68,6 +85,7 @@ class Daemon:
             generation=self.engine.generation,
             adopted_ips=adopted,
             dns_port=cfg.listen_port,
+            api_socket=self.cfg.api.socket,
             upstreams=[f"{h}:{p}" for h, p in cfg.upstreams],
         )
         self.notifier.notify(ready=1, status=self._status_text())
@@ -78,6 +96,7 @@ class Daemon:
         self.notifier.notify(stopping=1, status="stopping; the ruleset stays in the kernel")
         for t in tasks:
             t.cancel()
+        await runner.cleanup()
         await self.shim.close()
         log.info("stopped", generation=self.engine.generation, note="ruleset left in place (fail closed)")
         return 0
@@ -89,15 +108,54 @@ class Daemon:
             f"{e.cache.size()} allowed IPs, last apply {e.last_apply_ms:.1f} ms"
         )
 
+    def status(self) -> dict:
+        e = self.engine
+        last = self.admin.last_change or self.last_apply_wall
+        shim = self.shim
+        return {
+            "version": __version__,
+            "node": self.node,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "generation": e.generation,
+            "last_apply_ms": round(e.last_apply_ms, 3),
+            "last_apply_time": datetime.fromtimestamp(last, timezone.utc).isoformat(timespec="milliseconds") if last else None,
+            "policies": len(self.admin.effective.policies),
+            "workspaces": len(self.admin.effective.workspaces()),
+            "workloads": len(e.plan.workloads) if e.plan else 0,
+            "set_sizes": {ws: e.cache.size(ws) for ws in sorted(e.cache.workspaces())},
+            "allowed_ips": e.cache.size(),
+            "shim": {
+                "listening": bool(shim and shim.bound),
+                "port": self.cfg.dns.listen_port,
+                "upstreams": [f"{h}:{p}" for h, p in self.cfg.dns.upstreams],
+                "stats": dict(shim.stats) if shim else {},
+            },
+            "collector": {"url": self.cfg.collector.url, "backlog": 0},
+        }
+
+    def metrics(self) -> str:
+        e, x = self.engine, Exposition()
+        x.one("egressd_ruleset_generation", "gauge", "Generation of the ruleset in the kernel.", e.generation)
+        x.one("egressd_ruleset_apply_duration_seconds", "gauge", "Duration of the last ruleset apply.", e.last_apply_ms / 1000)
+        x.metric("egressd_allowed_ips", "gauge", "Resolved IPs in each workspace's allow sets.",
+                 [({"workspace_id": ws}, e.cache.size(ws)) for ws in sorted(e.cache.workspaces())])
+        x.one("egressd_programmed_ips_total", "counter", "IPs programmed into the kernel sets.", e.counters["programmed_ips"])
+        x.one("egressd_program_errors_total", "counter", "Failed set updates (the answer became SERVFAIL).", e.counters["program_errors"])
+        stats = self.shim.stats if self.shim else {}
+        x.metric("egressd_dns_events_total", "counter", "DNS shim events by kind.",
+                 [({"kind": k}, v) for k, v in sorted(stats.items())])
+        x.one("egressd_workloads", "gauge", "Registered workloads.", len(e.plan.workloads) if e.plan else 0)
+        x.one("egressd_uptime_seconds", "gauge", "Seconds since the daemon started.", time.time() - self.started)
+        return x.text()
+
     async def reload(self) -> None:
         """SIGHUP: re-read the config and policy files; apply them whole, or keep the old rules."""
         self.notifier.notify(reloading=1, status="reloading")
         try:
             baked = load_baked(self.config_path)
-            if baked.config.dns != self.cfg.dns:
-                log.warning("reload_dns_settings_need_restart")
-            self.engine.apply(self._state(baked), reason="sighup")
-            self.baked = baked
+            if baked.config.dns != self.cfg.dns or baked.config.api != self.cfg.api:
+                log.warning("reload_partial", note="[dns] and [api] changes need a restart")
+            await self.admin.reload_baked(baked)
         except EgressdError as e:
             log.error("reload_refused", error=str(e), generation=self.engine.generation)
         self.notifier.notify(ready=1, status=self._status_text())

@@ -13,11 +13,12 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from .core.config import Config
+from .core.connections import Connections
 from .core.dnsmsg import Query
 from .core.ipcache import IpCache
 from .core.plan import Plan, build_plan
@@ -38,6 +39,7 @@ class State:
     policies: Mapping[str, Policy]
     bindings: Mapping[str, str]
     workloads: tuple[Workload, ...]
+    connections: Mapping[str, Connections] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,12 @@ class Engine:
         """Validate, render and apply a new state as one transaction. Raises ValidationError or
         ApplyError, changing nothing; on success returns the new generation."""
         t0 = time.perf_counter()
-        plan = build_plan(state.policies, state.bindings, state.workloads)
+        plan = build_plan(
+            state.policies,
+            state.bindings,
+            state.workloads,
+            {ws: c.extras() for ws, c in state.connections.items() if c.destination_count()},
+        )
         cache = self._cache_for(plan)
         now = self.clock()
         gen = self.generation + 1

@@ -30,3 +30,53 @@ def env():
             yield Env(lab, daemon, config)
         finally:
             daemon.stop()
+
+
+class ScratchNs:
+    """A throw-away network namespace, with a libnftables context bound to it. The context's
+    netlink socket is opened inside the namespace, so the test process itself never moves."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import os
+        import subprocess
+        import uuid
+
+        from egressd.libnft import Nft
+
+        self.name = f"egt{uuid.uuid4().hex[:8]}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        orig = os.open("/proc/self/ns/net", os.O_RDONLY)
+        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            try:
+                self.nft = Nft()
+            finally:
+                if libc.setns(orig, 0x40000000) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back")
+        finally:
+            os.close(fd)
+            os.close(orig)
+
+    def ruleset(self) -> str:
+        import subprocess
+
+        return subprocess.run(["ip", "netns", "exec", self.name, "nft", "list", "ruleset"],
+                              capture_output=True, text=True, check=True).stdout
+
+    def close(self) -> None:
+        import subprocess
+
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+@pytest.fixture
+def scratch_ns():
+    ns = ScratchNs()
+    try:
+        yield ns
+    finally:
+        ns.close()

@@ -5,6 +5,7 @@ Every address is in a documentation range or in 10.200.0.0/16, all of them local
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -60,6 +61,7 @@ BLOCKED = [_dest("gist.githubusercontent.com")]
 
 
 def policy(pid: str, *, dry_run: bool = False, products: list[str] | None = None) -> dict:
+    """A fresh policy document (callers may edit it)."""
     enforcement: dict = {"enforcement_mode": "DRY_RUN" if dry_run else "ENFORCED"}
     if dry_run and products:
         enforcement["dry_run_mode_product_filter"] = products
@@ -68,8 +70,8 @@ def policy(pid: str, *, dry_run: bool = False, products: list[str] | None = None
         "egress": {
             "network_access": {
                 "restriction_mode": "RESTRICTED_ACCESS",
-                "allowed_internet_destinations": ALLOWED,
-                "blocked_internet_destinations": BLOCKED,
+                "allowed_internet_destinations": copy.deepcopy(ALLOWED),
+                "blocked_internet_destinations": copy.deepcopy(BLOCKED),
                 "policy_enforcement": enforcement,
             }
         },

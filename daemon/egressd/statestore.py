@@ -1,0 +1,101 @@
+"""What was pushed over the API, kept in ``state.dir/state.json`` across restarts.
+
+One JSON document holds every pushed object, so a change that touches several objects is one
+atomic file replacement: write a temporary file, fsync it, rename it over the old one, fsync the
+directory. A change is *prepared* (written) before the kernel is touched and *committed* (renamed)
+after, so a failure at any step leaves the old file in place."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EgressdError, FieldError, ValidationError
+
+FORMAT = 1
+
+
+@dataclass
+class Pushed:
+    """Pushed objects in their API JSON form (validated before they get here)."""
+
+    policies: dict[str, dict] = field(default_factory=dict)
+    bindings: dict[str, str] = field(default_factory=dict)
+    workloads: dict[str, dict] = field(default_factory=dict)
+    connections: dict[str, dict] = field(default_factory=dict)
+
+    def copy(self) -> "Pushed":
+        return copy.deepcopy(self)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "policies": self.policies,
+            "bindings": self.bindings,
+            "workloads": self.workloads,
+            "connections": self.connections,
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> "Pushed":
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValidationError(FieldError("format", f"unsupported state format (expected {FORMAT})"))
+        try:
+            return cls(
+                dict(doc.get("policies", {})),
+                {str(k): str(v) for k, v in doc.get("bindings", {}).items()},
+                dict(doc.get("workloads", {})),
+                dict(doc.get("connections", {})),
+            )
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValidationError(FieldError("", f"malformed state: {e}")) from None
+
+
+class StateStore:
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.path = self.dir / "state.json"
+
+    def load(self) -> Pushed:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return Pushed()
+        except OSError as e:
+            raise EgressdError(f"cannot read {self.path}: {e.strerror}") from None
+        try:
+            return Pushed.from_json(json.loads(text))
+        except (json.JSONDecodeError, ValidationError) as e:
+            raise EgressdError(f"{self.path} is corrupt ({e}); refusing to guess. Move it away to start from the baked state.") from None
+
+    def prepare(self, pushed: Pushed) -> Path:
+        """Write the new state next to the old one, durably. Returns the temporary path."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        tmp = self.dir / f".state.json.{os.getpid()}.tmp"
+        data = json.dumps(pushed.to_json(), indent=1, sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    def commit(self, tmp: Path) -> None:
+        os.replace(tmp, self.path)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self, tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)

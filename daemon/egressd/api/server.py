@@ -6,7 +6,6 @@ import grp
 import hmac
 import json
 import os
-import pwd
 import socket
 import struct
 from collections.abc import Callable
@@ -49,16 +48,22 @@ def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
     return struct.unpack("3i", raw)
 
 
-def _uid_in_group(uid: int, gid: int | None) -> bool:
-    if uid == 0:
-        return True
-    if gid is None:
-        return False
+def _peer_groups(pid: int, gid: int) -> set[int]:
+    """The peer process's primary and supplementary groups (from /proc: what it really holds)."""
+    groups = {gid}
     try:
-        user = pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return user.pw_gid == gid or gid in os.getgrouplist(user.pw_name, user.pw_gid)
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except OSError:
+        pass
+    return groups
+
+
+def _allowed(pid: int, uid: int, gid: int, socket_gid: int | None) -> bool:
+    return uid == 0 or (socket_gid is not None and socket_gid in _peer_groups(pid, gid))
 
 
 def make_app(admin: Admin, *, status: Callable[[], dict], metrics: Callable[[], str],
@@ -67,8 +72,8 @@ def make_app(admin: Admin, *, status: Callable[[], dict], metrics: Callable[[], 
     async def guard(request: web.Request, handler):
         creds = peer_credentials(request)
         if creds is not None:
-            pid, uid, _gid = creds
-            if not _uid_in_group(uid, socket_gid):
+            pid, uid, gid = creds
+            if not _allowed(pid, uid, gid, socket_gid):
                 return error("PERMISSION_DENIED", f"uid {uid} is not root and not in the API socket's group")
             request[CALLER] = f"uid={uid} pid={pid}"
         else:

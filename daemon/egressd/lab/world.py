@@ -92,7 +92,15 @@ WORKLOADS = [
 ]
 
 
-def write_config(lab, *, deny_action: str = "reject", upstreams: list[str] | None = None) -> Path:
+def write_config(
+    lab,
+    *,
+    deny_action: str = "reject",
+    upstreams: list[str] | None = None,
+    api_socket: str | None = None,
+    socket_group: str = "egressd",
+    collector_url: str | None = None,
+) -> Path:
     """Write the policies and egressd.toml for this lab into lab.tmpdir; return the config path."""
     root = Path(lab.tmpdir) / "egressd"
     pol_dir = root / "policies.d"
@@ -110,7 +118,10 @@ def write_config(lab, *, deny_action: str = "reject", upstreams: list[str] | Non
         "[enforcement]",
         f'deny_action = "{deny_action}"',
         "[api]",
-        f'socket = "{root}/api.sock"',
+        f'socket = "{api_socket or root / "api.sock"}"',
+        f'socket_group = "{socket_group}"',
+        "[collector]",
+        f'url = "{collector_url or "http://127.0.0.1:9180"}"',
         "[state]",
         f'dir = "{root}/state"',
         "[policies]",

@@ -116,7 +116,13 @@ class Engine:
             plan,
             {ws: list(cache.entries(ws, now)) for ws in cache.workspaces()},
             now,
-            RenderOptions(gen, self.cfg.dns.listen_port, self.cfg.enforcement.deny_action),
+            RenderOptions(
+                gen,
+                self.cfg.dns.listen_port,
+                self.cfg.enforcement.deny_action,
+                self.cfg.enforcement.nflog_group,
+                self.cfg.enforcement.log_rate,
+            ),
         )
         self.nft.run(replace_table(text))
         old = self.generation

@@ -55,6 +55,8 @@ class DnsConfig:
 @dataclass(frozen=True, kw_only=True)
 class EnforcementConfig:
     deny_action: str = "reject"
+    nflog_group: int = 1053
+    log_rate: int = 50
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,7 +286,11 @@ _SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
         "upstream_timeout_ms": _int(100, 2000),
         "max_ips_per_name": _int(1, 4096),
     }),
-    "enforcement": (EnforcementConfig, {"deny_action": _choice(DENY_ACTIONS)}),
+    "enforcement": (EnforcementConfig, {
+        "deny_action": _choice(DENY_ACTIONS),
+        "nflog_group": _int(1, 65535),
+        "log_rate": _int(1, 100_000),
+    }),
     "api": (ApiConfig, {
         "socket": _abs_path,
         "socket_group": _pattern(_GROUP_RE, "group name"),
@@ -440,6 +446,11 @@ max_ips_per_name = 64
 # A denied new flow is "reject"ed (ICMP admin-prohibited or TCP reset: the client fails at
 # once) or "drop"ped (the client times out).
 deny_action = "reject"
+# Denied new flows are logged through this NFLOG group (1..65535) to the daemon.
+nflog_group = 1053
+# Packet denials logged per second per workload source address (the burst is twice this);
+# the kernel counts what the limit suppresses (egressd_log_suppressed_total).
+log_rate = 50
 
 [api]
 # The admin API listens on this unix socket, mode 0660.

@@ -28,6 +28,8 @@ class RenderOptions:
     generation: int
     dns_port: int
     deny_action: str  # "reject" | "drop"
+    nflog_group: int = 1053
+    log_rate: int = 50
 
 
 def _elements(items: list[str]) -> str:
@@ -68,9 +70,12 @@ def _nets(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> list
     return [str(n) for n in ipaddress.collapse_addresses(sorted(nets))] if nets else []
 
 
-def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float) -> str:
+def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: RenderOptions) -> str:
     cp = ws.compiled
     return _WS_T.substitute(
+        nflog_group=opts.nflog_group,
+        log_rate=opts.log_rate,
+        log_burst=opts.log_rate * 2,
         workspace_id=ws.workspace_id,
         policy_id=ws.policy.network_policy_id,
         restriction=ws.policy.restriction_mode.value,
@@ -101,7 +106,7 @@ def render_table(plan: Plan, dyn: Mapping[str, list[Entry]], now: float, opts: R
                 vmap6.append(f"{net} : {verdict}")
                 src6.append(str(net))
     blocks = [
-        _render_workspace(ws, dyn.get(ws.workspace_id, []), now)
+        _render_workspace(ws, dyn.get(ws.workspace_id, []), now, opts)
         for ws in plan.workspaces.values()
         if ws.restricted
     ]

@@ -149,3 +149,34 @@ def test_socket_answers_only_root_and_its_group(live):
     assert "200" in run_as("nobody", "nogroup", sock).stdout  # nobody, in the socket group
     r = run_as("daemon", None, sock)
     assert "refused 13" in r.stdout, r  # EACCES: not in the group
+
+
+def egressctl(sock: str, *args: str) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).parent / "egressctl")
+    return subprocess.run([exe, "--socket", sock, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_egressctl_against_the_daemon(live, tmp_path):
+    lab, sock, connect, _ = live
+    r = egressctl(sock, "policies", "list")
+    assert r.returncode == 0 and "restricted-etl" in r.stdout and "default-policy" in r.stdout
+    doc = world.policy("from-ctl")
+    doc["egress"]["network_access"]["allowed_internet_destinations"] = [{"destination": "evil.example", "internet_destination_type": "DNS_NAME"}]
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(doc))
+    assert egressctl(sock, "policies", "put", str(f)).returncode == 0
+    r = egressctl(sock, "--json", "policies", "get", "from-ctl")
+    assert r.returncode == 0 and json.loads(r.stdout)["source"] == "api"
+    assert egressctl(sock, "workspaces", "assign", "1001", "from-ctl").returncode == 0
+    assert lab.dig(lab.workloads[0], "evil.example").status == "NOERROR"
+    assert lab.dig(lab.workloads[0], "pypi.org").status == "NXDOMAIN"
+    r = egressctl(sock, "verify", "--workspace", "1001", "pypi.org")
+    assert r.returncode == 0 and "DROP" in r.stdout and "from-ctl" in r.stdout
+    r = egressctl(sock, "policies", "delete", "from-ctl")
+    assert r.returncode == 1 and "RESOURCE_CONFLICT" in r.stderr and "1001" in r.stderr
+    assert egressctl(sock, "workspaces", "assign", "1001", "restricted-etl").returncode == 0
+    assert egressctl(sock, "policies", "delete", "from-ctl").returncode == 0
+    r = egressctl(sock, "--json", "status")
+    assert r.returncode == 0 and json.loads(r.stdout)["shim"]["listening"] is True
+    r = egressctl("/nonexistent/api.sock", "status")
+    assert r.returncode == 2 and "/nonexistent/api.sock" in r.stderr

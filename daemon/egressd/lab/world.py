@@ -100,6 +100,8 @@ def write_config(
     api_socket: str | None = None,
     socket_group: str = "egressd",
     collector_url: str | None = None,
+    tcp_listen: str | None = None,
+    token_file: str | None = None,
 ) -> Path:
     """Write the policies and egressd.toml for this lab into lab.tmpdir; return the config path."""
     root = Path(lab.tmpdir) / "egressd"
@@ -120,6 +122,7 @@ def write_config(
         "[api]",
         f'socket = "{api_socket or root / "api.sock"}"',
         f'socket_group = "{socket_group}"',
+        *([f'tcp_listen = "{tcp_listen}"', f'token_file = "{token_file}"'] if tcp_listen else []),
         "[collector]",
         f'url = "{collector_url or "http://127.0.0.1:9180"}"',
         "[state]",

@@ -71,35 +71,50 @@ class Admin:
         self.store = store
         self.baked = baked
         self.max_destinations = baked.config.limits.max_destinations
+        # Parsed pushed objects by id, with the very document they were parsed from: a change
+        # re-parses only the documents it replaced.
+        self._parsed: dict[tuple[str, str], tuple[dict, object]] = {}
         self.pushed = store.load()
         self.effective = self._merge(self.pushed)
         self._lock = asyncio.Lock()
         self.last_change: float | None = None
 
     # --- merging -----------------------------------------------------------------------------
+    def _parse(self, kind: str, key: str, doc: dict, parse: Callable[[dict], object], errors: list[FieldError]):
+        hit = self._parsed.get((kind, key))
+        if hit is not None and hit[0] is doc:
+            return hit[1]
+        try:
+            obj = parse(doc)
+        except ValidationError as e:
+            errors.extend(FieldError(f"{kind}[{key}].{fe.path}", fe.message) for fe in e.errors)
+            return None
+        self._parsed[(kind, key)] = (doc, obj)
+        return obj
+
+    def _remember(self, kind: str, key: str, doc: dict, obj: object) -> None:
+        self._parsed[(kind, key)] = (doc, obj)
+
     def _merge(self, pushed: Pushed, baked: Baked | None = None) -> Effective:
         baked = baked or self.baked
         errors: list[FieldError] = []
         policies = {k: (p, IMAGE) for k, p in baked.policies.items()}
         for pid, doc in pushed.policies.items():
-            try:
-                policies[pid] = (parse_policy(doc), API)
-            except ValidationError as e:
-                errors.extend(FieldError(f"policies[{pid}].{fe.path}", fe.message) for fe in e.errors)
+            pol = self._parse("policies", pid, doc, parse_policy, errors)
+            if pol is not None:
+                policies[pid] = (pol, API)
         bindings = {k: (v, IMAGE) for k, v in baked.bindings.items()}
         bindings.update({k: (v, API) for k, v in pushed.bindings.items()})
         workloads = {w.workload_id: (w, IMAGE) for w in baked.workloads}
         for wid, doc in pushed.workloads.items():
-            try:
-                workloads[wid] = (parse_workload(doc), API)
-            except ValidationError as e:
-                errors.extend(FieldError(f"workloads[{wid}].{fe.path}", fe.message) for fe in e.errors)
+            w = self._parse("workloads", wid, doc, parse_workload, errors)
+            if w is not None:
+                workloads[wid] = (w, API)
         connections = {}
         for ws, doc in pushed.connections.items():
-            try:
-                connections[ws] = parse_connections(doc)
-            except ValidationError as e:
-                errors.extend(FieldError(f"connections[{ws}].{fe.path}", fe.message) for fe in e.errors)
+            c = self._parse("connections", ws, doc, parse_connections, errors)
+            if c is not None:
+                connections[ws] = c
         for ws, (pid, _src) in bindings.items():
             if pid not in policies:
                 errors.append(FieldError(f"workspaces[{ws}].network_policy_id", f"policy {pid!r} does not exist"))
@@ -183,7 +198,8 @@ class Admin:
             raise AlreadyExists(f"network policy {pid!r} already exists")
 
         def edit(p: Pushed) -> Policy:
-            p.policies[pid] = pol.to_dict()
+            p.policies[pid] = doc = pol.to_dict()
+            self._remember("policies", pid, doc, pol)
             return pol
 
         await self.change(edit, caller=caller, action="create_policy" if create else "put_policy", obj=pid)
@@ -264,7 +280,8 @@ class Admin:
         w = parse_workload(doc)
 
         def edit(p: Pushed) -> Workload:
-            p.workloads[wid] = w.to_dict()
+            p.workloads[wid] = doc = w.to_dict()
+            self._remember("workloads", wid, doc, w)
             return w
 
         await self.change(edit, caller=caller, action="put_workload", obj=wid)
@@ -295,7 +312,8 @@ class Admin:
 
         def edit(p: Pushed) -> None:
             if conns.destination_count():
-                p.connections[ws] = conns.to_dict()
+                p.connections[ws] = doc = conns.to_dict()
+                self._remember("connections", ws, doc, conns)
             else:
                 p.connections.pop(ws, None)
 

@@ -7,7 +7,6 @@ after, so a failure at any step leaves the old file in place."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,7 +27,9 @@ class Pushed:
     connections: dict[str, dict] = field(default_factory=dict)
 
     def copy(self) -> "Pushed":
-        return copy.deepcopy(self)
+        """A copy whose maps can be edited. The JSON documents inside are shared: they are never
+        edited in place, only replaced, so unchanged ones keep their identity (and parse cache)."""
+        return Pushed(dict(self.policies), dict(self.bindings), dict(self.workloads), dict(self.connections))
 
     def to_json(self) -> dict:
         return {
@@ -75,7 +76,7 @@ class StateStore:
         """Write the new state next to the old one, durably. Returns the temporary path."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         tmp = self.dir / f".state.json.{os.getpid()}.tmp"
-        data = json.dumps(pushed.to_json(), indent=1, sort_keys=True).encode()
+        data = json.dumps(pushed.to_json(), separators=(",", ":"), sort_keys=True).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             view = memoryview(data)

@@ -147,11 +147,11 @@ async def test_binding_over_max_destinations_is_refused(api):
     assert s == 200  # bound to nothing: no workspace is over the limit
     before = api.snapshot()
     s, body = await api.call("PUT", f"{P}/workspaces/1001/network", {"network_policy_id": "big"})
-    assert s == 400 and "max_destinations=2000" in body["message"] and "2001" in body["message"]
+    assert s == 400 and "max_destinations=2000" in body["message"] and "2003" in body["message"]  # 2001 + 2 storage
     assert api.snapshot() == before
     # connections count too
     ok = policy("ok")
-    ok["egress"]["network_access"]["allowed_internet_destinations"] = big["egress"]["network_access"]["allowed_internet_destinations"][:1999]
+    ok["egress"]["network_access"]["allowed_internet_destinations"] = big["egress"]["network_access"]["allowed_internet_destinations"][:1997]  # + 2 storage destinations = 1999
     await api.call("POST", f"{P}/network-policies", ok)
     s, _ = await api.call("PUT", f"{P}/workspaces/1001/network", {"network_policy_id": "ok"})
     assert s == 200
@@ -185,7 +185,7 @@ async def test_workloads_come_and_go(api):
     s, body = await api.call("GET", f"{P}/workspaces")
     ws = {w["workspace_id"]: w for w in body["items"]}
     assert ws["1001"]["network_policy_id"] == "restricted-etl" and ws["1001"]["workloads"] == ["wl1"]
-    assert ws["1001"]["destination_count"] == 7
+    assert ws["1001"]["destination_count"] == 9  # 7 internet + 2 storage
 
 
 async def test_fifty_concurrent_writers_leave_a_serial_state(api):

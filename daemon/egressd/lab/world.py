@@ -23,6 +23,14 @@ RECORDS: dict[str, list[str]] = {
     "evil.example": ["192.0.2.66", "2001:db8:ff::66"],
     "cdn.edge.example": ["198.51.100.30", "2001:db8:ff::30"],
     "ranged.example": ["203.0.113.130"],
+    # storage endpoints and connection hosts
+    "lake1.dfs.core.windows.net": ["198.51.100.40"],
+    "lake2.dfs.core.windows.net": ["198.51.100.41"],
+    "my-bucket.s3.us-west-2.amazonaws.com": ["198.51.100.42"],
+    "my-bucket.s3.amazonaws.com": ["198.51.100.42"],
+    "other-bucket.s3.amazonaws.com": ["198.51.100.43"],
+    "db.conn.example": ["198.51.100.50"],
+    "extlake.dfs.core.windows.net": ["198.51.100.51"],
 }
 CNAMES: dict[str, str] = {
     # An allowed name whose CNAME chain ends outside the allow list.
@@ -58,6 +66,10 @@ ALLOWED = [
     _dest("2001:db8:ff:8000::/49", "IP_RANGE"),
 ]
 BLOCKED = [_dest("gist.githubusercontent.com")]
+STORAGE = [
+    {"storage_destination_type": "AZURE_STORAGE", "azure_storage_account": "lake1", "azure_storage_service": "dfs"},
+    {"storage_destination_type": "AWS_S3", "bucket_name": "my-bucket", "region": "us-west-2"},
+]
 
 
 def policy(pid: str, *, dry_run: bool = False, products: list[str] | None = None) -> dict:
@@ -72,6 +84,7 @@ def policy(pid: str, *, dry_run: bool = False, products: list[str] | None = None
                 "restriction_mode": "RESTRICTED_ACCESS",
                 "allowed_internet_destinations": copy.deepcopy(ALLOWED),
                 "blocked_internet_destinations": copy.deepcopy(BLOCKED),
+                "allowed_storage_destinations": copy.deepcopy(STORAGE),
                 "policy_enforcement": enforcement,
             }
         },

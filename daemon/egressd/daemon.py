@@ -25,9 +25,13 @@ from .engine import Engine
 from .errors import EgressdError
 from .libnft import Nft
 from .logs import setup as setup_logging
+from .core.denials import Origin
 from .metrics import Exposition
+from .nflogsock import NflogReader
+from .reporter import Reporter
 from .sdnotify import Notifier
 from .shim import DnsShim
+from .shipper import Shipper
 from .statestore import StateStore
 
 log = structlog.get_logger("egressd.daemon")
@@ -48,6 +52,16 @@ class Daemon:
         self.notifier = Notifier()
         self.engine = Engine(self.cfg, Nft(), node_addresses=node_addresses())
         self.admin = Admin(self.engine, StateStore(self.cfg.state.dir), baked)
+        self.shipper = Shipper(url=self.cfg.collector.url, spool_dir=Path(self.cfg.state.dir) / "spool")
+        self.reporter = Reporter(
+            Origin(self.cfg.account_id, self.node),
+            self.shipper.submit,
+            deny_rcode=self.cfg.dns.deny_rcode_value,
+            workload_of=self.engine.workload_of,
+            policy_of=self.engine.policy_of,
+        )
+        self.engine.on_denial = self.reporter.dns_denied
+        self.nflog: NflogReader | None = None
         self.shim: DnsShim | None = None
         self.started = time.time()
         self.last_apply_wall: float | None = None
@@ -60,6 +74,10 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         adopted = self.engine.adopt()
+        # The packet log is bound before the ruleset that feeds it is applied: no denial is missed.
+        self.nflog = NflogReader(self.cfg.enforcement.nflog_group)
+        await self.nflog.start(loop, self.reporter.packets)
+        await self.shipper.start()
         self.admin.start()
         self.last_apply_wall = time.time()
         cfg = self.cfg.dns
@@ -98,6 +116,8 @@ class Daemon:
             t.cancel()
         await runner.cleanup()
         await self.shim.close()
+        self.nflog.close()
+        await self.shipper.close()
         log.info("stopped", generation=self.engine.generation, note="ruleset left in place (fail closed)")
         return 0
 
@@ -130,7 +150,9 @@ class Daemon:
                 "upstreams": [f"{h}:{p}" for h, p in self.cfg.dns.upstreams],
                 "stats": dict(shim.stats) if shim else {},
             },
-            "collector": {"url": self.cfg.collector.url, "backlog": 0},
+            "collector": {"url": self.cfg.collector.url, **self.shipper.stats()},
+            "events": dict(self.reporter.counts),
+            "packet_log": self.nflog.stats() if self.nflog else {},
         }
 
     def metrics(self) -> str:
@@ -145,6 +167,20 @@ class Daemon:
         x.metric("egressd_dns_events_total", "counter", "DNS shim events by kind.",
                  [({"kind": k}, v) for k, v in sorted(stats.items())])
         x.one("egressd_workloads", "gauge", "Registered workloads.", len(e.plan.workloads) if e.plan else 0)
+        x.metric("egressd_denial_events_total", "counter", "Denial events built, by kind (folded: bursts folded into one).",
+                 [({"kind": k}, v) for k, v in sorted(self.reporter.counts.items())])
+        nf = self.nflog.stats() if self.nflog else {}
+        x.metric("egressd_nflog_messages_total", "counter", "Packet-log messages from the kernel, by outcome.",
+                 [({"outcome": k}, v) for k, v in sorted(nf.items())])
+        x.metric("egressd_log_suppressed_packets_total", "counter",
+                 "New flows the kernel's per-source log rate limit kept out of the log.",
+                 [({"workspace_id": ws}, n) for ws, n in sorted(e.suppressed_counts().items())])
+        sh = self.shipper.stats()
+        x.one("egressd_spool_events", "gauge", "Events waiting in the on-disk spool.", sh["spool_events"])
+        x.one("egressd_collector_backlog_events", "gauge", "Events not yet delivered to the collector.", sh["backlog"])
+        x.one("egressd_events_delivered_total", "counter", "Events the collector acknowledged.", sh["delivered"])
+        x.metric("egressd_events_dropped_total", "counter", "Events dropped: oldest past the spool bound, or newest when the disk failed.",
+                 [({"reason": "spool_full_oldest"}, sh["dropped_oldest"]), ({"reason": "newest"}, sh["dropped_newest"])])
         x.one("egressd_uptime_seconds", "gauge", "Seconds since the daemon started.", time.time() - self.started)
         return x.text()
 

@@ -58,7 +58,7 @@ class Engine:
         *,
         clock: Callable[[], float] = time.monotonic,
         node_addresses: Iterable[str] = (),
-        on_denial: Callable[[dict], None] | None = None,
+        on_denial: Callable[[Workload, Decision, str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.nft = nft
@@ -152,6 +152,15 @@ class Engine:
                     cache.adopt(ws, e.ip, e.name, e.expires)
         return cache
 
+    def suppressed_counts(self) -> dict[str, int]:
+        """Packets per workspace that the kernel's log rate limit kept out of the packet log."""
+        out: dict[str, int] = {}
+        for o in self.nft.list_json("counters table inet egressd"):
+            c = o.get("counter")
+            if c and c.get("name", "").startswith("ws_") and c["name"].endswith("_suppressed"):
+                out[c["name"][3:-11]] = int(c.get("packets", 0))
+        return out
+
     def uninstall(self) -> None:
         self.nft.run(delete_table())
 
@@ -188,7 +197,11 @@ class Engine:
 
     def _denied(self, wl: Workload, d: Decision, q: Query) -> None:
         if self.on_denial is not None:
-            self.on_denial({"kind": "dns", "workload": wl, "decision": d, "qname": q.qname, "qtype": q.qtype})
+            self.on_denial(wl, d, q.qname)
+
+    def policy_of(self, workspace_id: str) -> str | None:
+        wp = self.plan.workspaces.get(workspace_id) if self.plan else None
+        return wp.policy.network_policy_id if wp else None
 
     async def program(self, target: object, addrs: tuple[tuple[str, int], ...]) -> None:
         """Put an allowed answer's IPs into its workspace's sets. Returns once the kernel has them."""

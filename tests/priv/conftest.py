@@ -6,14 +6,16 @@ import pytest
 
 from egressd.lab import Lab
 from egressd.lab import world
+from egressd.lab.collectorproc import CollectorProc
 from egressd.lab.daemonproc import DaemonProc
 
 
 class Env:
-    def __init__(self, lab: Lab, daemon: DaemonProc, config) -> None:
+    def __init__(self, lab: Lab, daemon: DaemonProc, config, collector: CollectorProc) -> None:
         self.lab = lab
         self.daemon = daemon
         self.config = config
+        self.collector = collector
         self.w1, self.w2, self.w3 = lab.workloads[:3]  # restricted / dry-run / full access
 
     def nft(self, *args: str) -> str:
@@ -23,13 +25,16 @@ class Env:
 @pytest.fixture(scope="module")
 def env():
     with Lab(workloads=3, records=world.records(), cnames=world.CNAMES) as lab:
-        config = world.write_config(lab)
+        collector = CollectorProc(lab)
+        collector.start()
+        config = world.write_config(lab, collector_url=collector.url)
         daemon = DaemonProc(lab, config)
         daemon.start()
         try:
-            yield Env(lab, daemon, config)
+            yield Env(lab, daemon, config, collector)
         finally:
             daemon.stop()
+            collector.stop()
 
 
 class ScratchNs:

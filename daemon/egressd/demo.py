@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .lab import Lab, world
+from .lab.collectorproc import CollectorProc
 from .lab.daemonproc import DaemonProc
+
+SEED_SQL = (
+    "select * from system.access.outbound_network where event_time >= current_timestamp() - interval 2 hour "
+    "sort by event_time desc"
+)
 
 
 @dataclass
@@ -62,6 +68,8 @@ def scenario(lab) -> list[tuple[Row, Callable[[], tuple[str, bool]]]]:
         (Row(r, "dig @198.51.100.99 evil.example (other resolver)", "NXDOMAIN EDE 15"), lambda: _dns(lab, w1, "evil.example", "NXDOMAIN EDE", server="198.51.100.99")),
         (Row(r, "dig +tcp evil.example", "NXDOMAIN EDE 15"), lambda: _dns(lab, w1, "evil.example", "NXDOMAIN EDE", tcp=True)),
         (Row(r, "TCP 853 (DNS over TLS) to an allowed IP", "blocked"), lambda: _http(lab, w1, "http://198.51.100.10:853/", False)),
+        (Row(r, "curl http://lake1.dfs.core.windows.net/ (storage)", "HTTP 200"), lambda: _http(lab, w1, "http://lake1.dfs.core.windows.net/", True)),
+        (Row(r, "dig lake2.dfs.core.windows.net (other account)", "NXDOMAIN EDE 15"), lambda: _dns(lab, w1, "lake2.dfs.core.windows.net", "NXDOMAIN EDE")),
         (Row(d, "curl http://evil.example/ (log only)", "HTTP 200"), lambda: _http(lab, w2, "http://evil.example/", True)),
         (Row(d, "curl http://192.0.2.99/ (log only)", "HTTP 200"), lambda: _http(lab, w2, "http://192.0.2.99/", True)),
         (Row(f, "curl http://evil.example/", "HTTP 200"), lambda: _http(lab, w3, "http://evil.example/", True)),
@@ -77,6 +85,26 @@ def _print_table(rows: list[Row]) -> None:
         print("  ".join(v[:w].ljust(w) for v, (_, w) in zip(vals, cols)))
 
 
+def _print_log(collector) -> int:
+    """The denials as an operator reads them: the seed's SQL, verbatim, against egress-collector."""
+    expect = lambda rows: sum(r["access_type"] == "LOG_ONLY_DENIAL" for r in rows) >= 2 and len(rows) >= 8
+    rows, _ = collector.wait_rows(SEED_SQL, expect, timeout=3)
+    print(f"\nDenial log ({len(rows)} rows), from egress-collector with the seed's query:\n  {SEED_SQL}\n")
+    cols = [("event_time", 24), ("access_type", 16), ("ws", 5), ("product", 16), ("type", 8), ("destination", 30), ("detail", 34)]
+    print("  ".join(n.ljust(w) for n, w in cols))
+    print("  ".join("-" * w for _, w in cols))
+    for r in rows:
+        if r["ip_event"]:
+            ip = r["ip_event"]
+            detail = f"{ip['protocol']} {ip['source_ip']} -> :{ip['destination_port']}"
+        else:
+            detail = f"rcode {r['dns_event']['rcode']}" + (f", {r['storage_event']['rejection_reason']}" if r["storage_event"] else "")
+        vals = [r["event_time"], r["access_type"], r["workspace_id"], r["network_source_type"] or "", r["destination_type"],
+                r["destination"], detail]
+        print("  ".join(str(v)[:w].ljust(w) for v, (_, w) in zip(vals, cols)))
+    return len(rows)
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("egressd demo needs root: it creates network namespaces and nftables rules.", file=sys.stderr)
@@ -84,7 +112,9 @@ def main() -> int:
     print("Building the lab: 3 workloads, a node, an internet with dnsmasq and web servers …", flush=True)
     t0 = time.monotonic()
     with Lab(workloads=3, records=world.records(race=0), cnames=world.CNAMES) as lab:
-        config = world.write_config(lab)
+        collector = CollectorProc(lab)
+        collector.start()
+        config = world.write_config(lab, collector_url=collector.url)
         daemon = DaemonProc(lab, config)
         try:
             ready = daemon.start()
@@ -96,12 +126,16 @@ def main() -> int:
                 row.got, row.ok = check()
                 rows.append(row)
             _print_table(rows)
+            logged = _print_log(collector)
             failed = [r for r in rows if not r.ok]
+            if not logged:
+                failed.append(Row("collector", "denials logged", ">= 1 row"))
             print(f"\n{len(rows) - len(failed)} of {len(rows)} requests behaved as expected.")
             if failed:
                 print("\negressd log (tail):\n" + daemon.log()[-3000:], file=sys.stderr)
             result = 1 if failed else 0
         finally:
             daemon.stop()
+            collector.stop()
     print("Lab removed: namespaces, processes and files are gone.")
     return result

@@ -38,7 +38,9 @@ def load_policies(cfg: Config) -> dict[str, Policy]:
     origin: dict[str, str] = {}
     d = Path(cfg.policies.dir)
     files = sorted(d.glob("*.json")) if d.is_dir() else []
-    default_file = cfg.policies.default_policy
+    default_path = Path(cfg.policies.default_policy_path) if cfg.policies.default_policy_path else None
+    if default_path is not None and default_path.is_file() and default_path not in files:
+        files.append(default_path)  # an absolute path outside the directory
     for f in files:
         try:
             doc = json.loads(f.read_text())
@@ -51,7 +53,7 @@ def load_policies(cfg: Config) -> dict[str, Policy]:
             errors.extend(FieldError(f"{f}: {fe.path}", fe.message) for fe in e.errors)
             continue
         pid = pol.network_policy_id
-        if default_file and f.name == default_file and pid != DEFAULT_POLICY_ID:
+        if f == default_path and pid != DEFAULT_POLICY_ID:
             errors.append(FieldError(f"{f}: network_policy_id", f"the default policy file must hold {DEFAULT_POLICY_ID!r}, not {pid!r}"))
             continue
         if pid in policies:

@@ -234,6 +234,7 @@ class Shipper:
         await self._spill(head_in_flight=False)
         if self._spool.orphans:  # read from a segment that was dropped, never delivered
             self._count_dropped_oldest(self._spool.orphans)
+            self._spool.orphans = 0
 
     async def _next_batch(self) -> _Batch | None:
         if self._spool.events:
@@ -273,7 +274,9 @@ class Shipper:
                 if len(part) > 1:
                     mid = len(part) // 2
                     todo.extendleft((part[mid:], part[:mid]))
-                    log.warning("batch_rejected", status=status, size=len(part), reason=detail, action="split")
+                    log.warning(
+                        "batch_rejected", status=status, size=len(part), reason=detail, action="split"
+                    )
                 else:
                     self._counts["events_rejected"] += 1
                     log.error(

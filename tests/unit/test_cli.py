@@ -70,3 +70,16 @@ def test_binding_to_an_unknown_policy_and_missing_file(tmp_path):
     assert r.returncode == 2 and "workspaces[0].network_policy_id" in r.stderr
     r = check(tmp_path / "nope.toml")
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_default_policy_file_in_dir_or_absolute(tmp_path):
+    doc = world.policy("default-policy")
+    cfg = write(tmp_path, GOOD, {"r.json": world.policy("restricted-etl"), "default-policy.json": doc})
+    assert check(cfg).returncode == 0
+    other = tmp_path / "elsewhere.json"
+    other.write_text(__import__("json").dumps(world.policy("not-default")))
+    body = cfg.read_text().replace('[policies]', f'[policies]\ndefault_policy = "{other}"')
+    cfg.write_text(body)
+    (tmp_path / "policies.d" / "default-policy.json").unlink()
+    r = check(cfg)
+    assert r.returncode == 2 and "must hold 'default-policy'" in r.stderr

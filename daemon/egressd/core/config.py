@@ -449,7 +449,7 @@ deny_action = "reject"
 # Denied new flows are logged through this NFLOG group (1..65535) to the daemon.
 nflog_group = 1053
 # Packet denials logged per second per workload source address (the burst is twice this);
-# the kernel counts what the limit suppresses (egressd_log_suppressed_total).
+# the kernel counts what the limit suppresses (egressd_log_suppressed_packets_total).
 log_rate = 50
 
 [api]

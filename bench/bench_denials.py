@@ -1,0 +1,127 @@
+"""Denial logs under load, in the namespace lab: DNS denials from a workload at a paced rate, the
+daemon building events and shipping them, egress-collector storing them.
+
+    sudo .venv/bin/python bench/bench_denials.py [--rates 2000,5000,10000] [--seconds 10] [--json out.json]
+
+For each rate: how many denials were sent and answered, how many events the collector holds (loss =
+sent - stored), and the time from each denial (its send time, carried in the name) until a poller
+first sees it in the collector (p50/p99; the poller adds up to its 50 ms interval)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
+
+from egressd.lab import Lab, world  # noqa: E402
+from egressd.lab.collectorproc import CollectorProc  # noqa: E402
+from egressd.lab.daemonproc import DaemonProc  # noqa: E402
+
+SENDER = textwrap.dedent(
+    """
+    import socket, struct, sys, time
+    rate, seconds, tag = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sent = answered = 0
+    t0 = time.monotonic()
+    end = t0 + seconds
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        due = int((now - t0) * rate)
+        while sent < due:
+            labels = [f"q{int(time.time() * 1000)}-{sent}", tag, "evil", "example"]
+            qname = b"".join(bytes([len(l)]) + l.encode() for l in labels) + b"\\0"
+            s.sendto(struct.pack("!HHHHHH", sent & 0xFFFF, 0x0100, 1, 0, 0, 0) + qname + b"\\0\\1\\0\\1", ("203.0.113.2", 53))
+            sent += 1
+        try:
+            while True:
+                s.recv(4096)
+                answered += 1
+        except BlockingIOError:
+            pass
+        time.sleep(0.0005)
+    stop = time.monotonic() + 2
+    while time.monotonic() < stop and answered < sent:
+        try:
+            s.recv(4096)
+            answered += 1
+        except BlockingIOError:
+            time.sleep(0.001)
+    print(sent, answered)
+    """
+)
+
+
+def run_rate(lab, collector, rate: int, seconds: float) -> dict:
+    tag = f"b{uuid.uuid4().hex[:6]}"
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            rows = collector.sql(
+                f"select destination from outbound_network where destination like '%.{tag}.evil.example' "
+                f"and event_time >= current_timestamp() - interval 5 minute"
+            )
+            now = time.time()
+            for r in rows:
+                seen.setdefault(r["destination"], now)
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    r = lab.run(lab.workloads[0].netns, [sys.executable, "-c", SENDER, str(rate), str(seconds), tag], timeout=seconds + 30)
+    sent, answered = map(int, r.stdout.split())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(seen) < sent:
+        time.sleep(0.1)
+    stop.set()
+    poller.join(5)
+    (row,) = collector.sql(f"select count(*) as n, count(distinct event_id) as ids from outbound_network where destination like '%.{tag}.evil.example'")
+    lat = sorted((t - int(d.split("-", 1)[0][1:]) / 1000) * 1000 for d, t in seen.items())
+    q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
+    return {
+        "rate_per_s": rate, "seconds": seconds, "sent": sent, "answered": answered, "stored": row["n"],
+        "distinct_ids": row["ids"], "lost": sent - row["n"], "sustained_events_per_s": round(row["n"] / seconds),
+        "latency_ms_p50": q(0.5), "latency_ms_p99": q(0.99), "latency_ms_max": q(1.0),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rates", default="1000,5000,10000")
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    results = []
+    with Lab(workloads=1, records=world.records(race=0), cnames=world.CNAMES) as lab:
+        collector = CollectorProc(lab)
+        collector.start()
+        d = DaemonProc(lab, world.write_config(lab, collector_url=collector.url))
+        d.start()
+        try:
+            for rate in map(int, args.rates.split(",")):
+                res = run_rate(lab, collector, rate, args.seconds)
+                print(json.dumps(res), flush=True)
+                results.append(res)
+        finally:
+            d.stop()
+            collector.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,9 @@ transaction, state file) against a real kernel in a scratch network namespace.
 
     sudo .venv/bin/python bench/bench_apply.py [--repeat 5] [--json out.json]
 
-Cases: a policy of 10, 2,000 and 100,000 destinations (IP_RANGE and DNS_NAME mixed) bound to a
-workspace with one workload; and a 10-destination policy with 10,000 workloads registered."""
+Cases: a policy of 10, 2,000 and 100,000 destinations (half DNS_NAME, half disjoint IP_RANGE /32s,
+so the kernel gets 50,000 interval elements) bound to a workspace with one workload; and a
+10-destination policy with 10,000 workloads registered."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def policy(pid: str, n: int, flip: int) -> dict:
         if i % 2:
             dests.append({"destination": f"h{i}-{flip}.example.com", "internet_destination_type": "DNS_NAME"})
         else:
-            j = i // 2
+            j = i  # every other address: the ranges stay disjoint (no merging helps the renderer)
             dests.append({"destination": f"10.{(j >> 16) & 255}.{(j >> 8) & 255}.{j & 255}/32", "internet_destination_type": "IP_RANGE"})
     return {"network_policy_id": pid, "egress": {"network_access": {
         "restriction_mode": "RESTRICTED_ACCESS", "allowed_internet_destinations": dests}}}

@@ -24,7 +24,7 @@ from .core.ipcache import IpCache
 from .core.plan import Plan, build_plan
 from .core.policy import Policy
 from .core.ruleset import RenderOptions, delete_table, program_elements, render_table, replace_table
-from .core.verdict import Decision, Verdict
+from .core.verdict import CompiledPolicy, Decision, Verdict
 from .core.workloads import Workload
 from .libnft import Nft
 from .shim import ShimAction
@@ -71,6 +71,21 @@ class Engine:
         self.generation = 0
         self.last_apply_ms = 0.0
         self.counters = {"programmed_ips": 0, "program_errors": 0}
+        # Compiled policies by the identity of the (immutable) Policy they were built from.
+        self._compiled: dict[int, tuple[Policy, CompiledPolicy]] = {}
+
+    def _compile(self, policy: Policy) -> CompiledPolicy:
+        hit = self._compiled.get(id(policy))
+        if hit is not None and hit[0] is policy:
+            return hit[1]
+        cp = CompiledPolicy(policy)
+        self._compiled[id(policy)] = (policy, cp)
+        return cp
+
+    def _prune_compiled(self, state: "State") -> None:
+        live = {id(p) for p in state.policies.values()}
+        for key in [k for k in self._compiled if k not in live]:
+            del self._compiled[key]
 
     # --- the ruleset -------------------------------------------------------------------------
     def adopt(self) -> int:
@@ -108,6 +123,7 @@ class Engine:
             state.bindings,
             state.workloads,
             {ws: c.extras() for ws, c in state.connections.items() if c.destination_count()},
+            compile=self._compile,
         )
         cache = self._cache_for(plan)
         now = self.clock()
@@ -127,6 +143,7 @@ class Engine:
         self.nft.run(replace_table(text))
         old = self.generation
         self.state, self.plan, self.cache, self.generation = state, plan, cache, gen
+        self._prune_compiled(state)
         self.last_apply_ms = (time.perf_counter() - t0) * 1000
         log.info(
             "ruleset_applied",

@@ -16,7 +16,29 @@ class Env:
         self.daemon = daemon
         self.config = config
         self.collector = collector
-        self.w1, self.w2, self.w3 = lab.workloads[:3]  # restricted / dry-run / full access
+        self.w1, self.w2, self.w3, self.w4 = lab.workloads[:4]  # restricted / dry-run / full access / unregistered
+
+    def api(self, method: str, path: str, body=None) -> tuple[int, object]:
+        import http.client
+        import json
+        import socket
+
+        class UnixHTTP(http.client.HTTPConnection):
+            def connect(conn) -> None:
+                conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.sock.connect(str(self.config.parent / "api.sock"))
+
+        c = UnixHTTP("localhost", timeout=10)
+        try:
+            c.request(method, path, body=None if body is None else json.dumps(body))
+            r = c.getresponse()
+            raw = r.read()
+            try:
+                return r.status, json.loads(raw or b"{}")
+            except json.JSONDecodeError:
+                return r.status, raw.decode()
+        finally:
+            c.close()
 
     def nft(self, *args: str) -> str:
         return self.lab.run(self.lab.node_ns, ["nft", *args], check=True).stdout
@@ -24,7 +46,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env():
-    with Lab(workloads=3, records=world.records(), cnames=world.CNAMES) as lab:
+    # w4 is never registered: its traffic must be left alone.
+    with Lab(workloads=4, records=world.records(), cnames=world.CNAMES) as lab:
         collector = CollectorProc(lab)
         collector.start()
         config = world.write_config(lab, collector_url=collector.url)

@@ -209,3 +209,31 @@ def test_blackholed_upstream_gives_servfail_within_2s(env):
         assert time.monotonic() - t0 < 2.0
     finally:
         env.lab.run(ns, ["nft", "delete table inet blackhole"], check=True)
+
+
+def test_unregistered_source_is_untouched(env):
+    # w4 is routed through the node like the others but is no workload: no interception, no filter.
+    r = env.lab.dig(env.w4, "evil.example")
+    assert r.status == "NOERROR" and r.ede is None
+    assert env.lab.dig(env.w4, "pypi.org", server="198.51.100.99", timeout=1).status is None  # nobody there
+    assert env.lab.curl(env.w4, f"http://{DENIED_IP4}/")[0] == 200
+    assert env.lab.curl(env.w4, "http://198.51.100.10:853/")[0] == 200
+
+
+def test_kernel_log_rate_limit_is_counted_and_exposed(env):
+    flood = textwrap.dedent(
+        """
+        import socket
+        for i in range(400):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.sendto(b"x", ("192.0.2.%d" % (100 + i % 100), 20000 + i))
+            s.close()
+        """
+    )
+    env.lab.run(env.w1.netns, [env_python(), "-c", flood], timeout=20)
+    status, text = env.api("GET", "/metrics")
+    assert status == 200
+    line = next(l for l in text.splitlines() if l.startswith('egressd_log_suppressed_packets_total{workspace_id="1001"}'))
+    assert float(line.split()[-1]) > 0
+    status, st = env.api("GET", "/api/2.0/status")
+    assert st["packet_log"]["received"] > 0

@@ -190,3 +190,22 @@ def test_collector_kill_9_mid_inserts_no_loss_no_duplicates(env):
     while time.monotonic() < deadline and count(env, tag)[0] < 3000:
         time.sleep(0.25)
     assert count(env, tag) == (3000, 3000)
+
+
+def test_egressctl_logs_and_sql_against_the_collector(env):
+    import json as _json
+    from pathlib import Path
+
+    name = f"c{uuid.uuid4().hex[:8]}.evil.example"
+    env.lab.dig(env.w1, name)
+    env.collector.wait_rows(f"select * from outbound_network where destination = '{name}'", lambda r: len(r) == 1)
+    exe = str(Path(sys.executable).parent / "egressctl")
+    r = env.lab.run(env.lab.node_ns, [exe, "--collector", env.collector.url, "--json", "logs", "--since", "1h",
+                                      "--access-type", "DROP", "--workspace", "1001", "--limit", "500"])
+    assert r.returncode == 0, r.stderr
+    events = _json.loads(r.stdout)["events"]  # --json: the collector's answer as is
+    assert any(e["destination"] == name for e in events)
+    assert all(e["access_type"] == "DROP" and e["workspace_id"] == "1001" for e in events)
+    r = env.lab.run(env.lab.node_ns, [exe, "--collector", env.collector.url, "logs", "sql",
+                                      f"select destination, access_type from system.access.outbound_network where destination = '{name}'"])
+    assert r.returncode == 0 and name in r.stdout and "DROP" in r.stdout

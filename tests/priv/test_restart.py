@@ -94,3 +94,57 @@ def test_restart_keeps_restricted_closed_and_resolved_ips_open(lab):
         assert lab.dig(w1, "pypi.org").status == "NOERROR"
     finally:
         d2.stop()
+
+
+def test_deny_action_drop_makes_clients_time_out(lab):
+    d = DaemonProc(lab, world.write_config(lab, deny_action="drop"))
+    d.start()
+    try:
+        w1 = lab.workloads[0]
+        code, _out, elapsed = lab.curl(w1, "http://192.0.2.99/", timeout=2)
+        assert code is None and elapsed >= 1.5  # no RST, no ICMP: the connect times out
+        assert re.search(r"counter packets [1-9]\d* bytes \d+ drop", lab.run(lab.node_ns, ["nft", "list", "chain", "inet", "egressd", "deny"]).stdout)
+        assert lab.curl(w1, "http://pypi.org/")[0] == 200
+    finally:
+        d.stop()
+
+
+def test_pushed_state_survives_a_daemon_restart(lab):
+    import http.client
+    import json
+    import socket
+
+    config = world.write_config(lab)
+    sock = str(config.parent / "api.sock")
+
+    def call(method, path, body=None):
+        c = http.client.HTTPConnection("localhost", timeout=10)
+        c.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.sock.connect(sock)
+        c.request(method, path, body=None if body is None else json.dumps(body))
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+
+    d = DaemonProc(lab, config)
+    d.start()
+    w3 = lab.workloads[2]
+    try:
+        assert call("PUT", "/api/2.0/network-policies/pushed", world.policy("pushed"))[0] == 200
+        assert call("PUT", "/api/2.0/workspaces/1003/network", {"network_policy_id": "pushed"})[0] == 200
+        assert call("PUT", "/api/2.0/workloads/extra", {"workspace_id": "1003", "product": "APPS", "sources": ["10.77.9.0/24"]})[0] == 200
+        assert lab.curl(w3, "http://192.0.2.99/")[0] is None
+    finally:
+        d.stop()
+    log = d.log()
+    assert '"event": "api_change"' in log and '"caller": "uid=0' in log and '"object": "pushed"' in log
+    d2 = DaemonProc(lab, config, name="egressd2")
+    d2.start()
+    try:
+        status, body = call("GET", "/api/2.0/network-policies/pushed")
+        assert status == 200 and body["source"] == "api"
+        assert call("GET", "/api/2.0/workspaces/1003/network")[1]["network_policy_id"] == "pushed"
+        assert call("GET", "/api/2.0/workloads/extra")[0] == 200
+        assert lab.curl(w3, "http://192.0.2.99/")[0] is None
+        assert lab.dig(w3, "evil.example").status == "NXDOMAIN"
+    finally:
+        d2.stop()

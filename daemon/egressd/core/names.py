@@ -23,6 +23,8 @@ MAX_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 
 _LABEL_RE = re.compile(r"[a-z0-9_-]+")
+# An already-canonical ASCII name (the common case, and the DNS hot path): no per-label work.
+_PLAIN_NAME_RE = re.compile(r"(?:[a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}")
 
 T = TypeVar("T")
 
@@ -49,6 +51,11 @@ def normalize_name(name: str) -> str:
     Strips surrounding whitespace, lower-cases, drops one trailing dot and converts Unicode labels
     to punycode. Labels are 1-63 characters of ``[a-z0-9_-]``; the whole name at most 253.
     """
+    text = name.strip().lower()
+    if text.endswith("."):
+        text = text[:-1]
+    if len(text) <= MAX_NAME_LENGTH and _PLAIN_NAME_RE.fullmatch(text):
+        return text
     text = name.strip()
     if not text.isascii():
         try:

@@ -4,7 +4,7 @@ applied."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import FieldError, ValidationError
@@ -53,9 +53,12 @@ def build_plan(
     bindings: Mapping[str, str],
     workloads: Iterable[Workload],
     extras: Mapping[str, tuple[Iterable[tuple[str, str]], Iterable[tuple[str, str]]]] | None = None,
+    compile: Callable[[Policy], CompiledPolicy] = CompiledPolicy,
 ) -> Plan:
     """Join the state. bindings: workspace id -> policy id. extras: workspace id ->
-    (extra names, extra networks) from its connections. Raises ValidationError."""
+    (extra names, extra networks) from its connections. compile: how a policy without extras is
+    compiled (the engine passes a cache, so that an unchanged policy is not compiled again).
+    Raises ValidationError."""
     wl = tuple(sorted(workloads, key=lambda w: w.workload_id))
     errors = list(check_overlaps(wl))
     if DEFAULT_POLICY_ID not in policies:
@@ -73,7 +76,7 @@ def build_plan(
         if extra:
             cp = CompiledPolicy(policy, extra_names=extra[0], extra_networks=extra[1])
         else:
-            cp = compiled.get(pid) or compiled.setdefault(pid, CompiledPolicy(policy))
+            cp = compiled.get(pid) or compiled.setdefault(pid, compile(policy))
         plans[ws] = WorkspacePlan(ws, policy, cp)
     if errors:
         raise ValidationError(errors)

@@ -65,9 +65,27 @@ def _dyn(entries: Iterable[Entry], now: float, v6: bool) -> list[str]:
     return out
 
 
-def _nets(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> list[str]:
-    # Interval sets reject overlapping elements: collapse them first.
-    return [str(n) for n in ipaddress.collapse_addresses(sorted(nets))] if nets else []
+def _ranges(ranges: list[tuple[int, int]], version: int) -> list[str]:
+    """Interval-set elements for merged (first, last) ranges: a CIDR where the range is exactly one
+    prefix, else `first-last` (nftables takes both)."""
+    bits = 32 if version == 4 else 128
+    text = _v4 if version == 4 else _v6
+    out = []
+    for first, last in ranges:
+        size = last - first + 1
+        if size & (size - 1) == 0 and first % size == 0:
+            out.append(f"{text(first)}/{bits - size.bit_length() + 1}")
+        else:
+            out.append(f"{text(first)}-{text(last)}")
+    return out
+
+
+def _v4(value: int) -> str:
+    return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
+
+
+def _v6(value: int) -> str:
+    return ipaddress.IPv6Address(value).compressed
 
 
 def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: RenderOptions) -> str:
@@ -82,10 +100,10 @@ def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: Ren
         key=ws.key,
         dyn4=_elements(_dyn(dyn, now, v6=False)),
         dyn6=_elements(_dyn(dyn, now, v6=True)),
-        net4=_elements(_nets(cp.allowed_networks_v4)),
-        net6=_elements(_nets(cp.allowed_networks_v6)),
-        blk4=_elements(_nets(cp.blocked_networks_v4)),
-        blk6=_elements(_nets(cp.blocked_networks_v6)),
+        net4=_elements(_ranges(cp.allowed_ranges_v4, 4)),
+        net6=_elements(_ranges(cp.allowed_ranges_v6, 6)),
+        blk4=_elements(_ranges(cp.blocked_ranges_v4, 4)),
+        blk6=_elements(_ranges(cp.blocked_ranges_v6, 6)),
     )
 
 

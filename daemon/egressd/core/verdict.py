@@ -54,8 +54,29 @@ class Decision:
         return self.verdict is not Verdict.DROP
 
 
-def _collapse(networks: Iterable[IPNetwork], version: int) -> list[IPNetwork]:
-    return list(ipaddress.collapse_addresses(n for n in networks if n.version == version))
+Span = tuple[int, int, int]  # (IP version, first address, last address)
+
+
+def _span(net: IPNetwork) -> Span:
+    return (net.version, int(net.network_address), int(net.broadcast_address))
+
+
+def merge_ranges(spans: Iterable[Span], version: int) -> list[tuple[int, int]]:
+    """The union of the spans of one IP version as sorted, disjoint, non-adjacent (first, last)
+    integer ranges. Integers, not ipaddress objects: a policy may hold 100,000 ranges."""
+    out: list[tuple[int, int]] = []
+    for _v, first, last in sorted(sp for sp in spans if sp[0] == version):
+        if out and first <= out[-1][1] + 1:
+            if last > out[-1][1]:
+                out[-1] = (out[-1][0], last)
+        else:
+            out.append((first, last))
+    return out
+
+
+def _networks(ranges: list[tuple[int, int]], version: int) -> list[IPNetwork]:
+    addr = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    return [n for a, b in ranges for n in ipaddress.summarize_address_range(addr(a), addr(b))]
 
 
 class CompiledPolicy:
@@ -70,8 +91,8 @@ class CompiledPolicy:
         self._policy = policy
         allowed: list[tuple[str, str]] = []
         blocked: list[tuple[str, str]] = []
-        allowed_nets: list[tuple[IPNetwork, str]] = []
-        blocked_nets: list[tuple[IPNetwork, str]] = []
+        allowed_nets: list[tuple[Span, str]] = []
+        blocked_nets: list[tuple[Span, str]] = []
         for entries, names, nets, list_name in (
             (policy.allowed_internet, allowed, allowed_nets, "allowed_internet_destinations"),
             (policy.blocked_internet, blocked, blocked_nets, "blocked_internet_destinations"),
@@ -79,24 +100,41 @@ class CompiledPolicy:
             for i, dest in enumerate(entries):
                 label = f"{list_name}[{i}] ({dest.destination})"
                 if dest.type is DestinationType.IP_RANGE:
-                    nets.append((ipaddress.ip_network(dest.destination), label))
+                    nets.append((dest.span or _span(ipaddress.ip_network(dest.destination)), label))
                 else:
                     names.append((dest.destination, label))
         for i, storage in enumerate(policy.allowed_storage):
             label = f"allowed_storage_destinations[{i}] ({storage.describe()})"
             allowed.extend((name, label) for name in storage.names())
         allowed.extend((normalize_pattern(name), label) for name, label in extra_names)
-        allowed_nets.extend((ipaddress.ip_network(cidr), label) for cidr, label in extra_networks)
+        allowed_nets.extend((_span(ipaddress.ip_network(cidr)), label) for cidr, label in extra_networks)
         if not policy.restricted:  # FULL_ACCESS: the lists are kept but ignored
             allowed, blocked, allowed_nets, blocked_nets = [], [], [], []
         self._allowed_names: NameMatcher[str] = NameMatcher(allowed)
         self._blocked_names: NameMatcher[str] = NameMatcher(blocked)
         self._allowed_nets = allowed_nets
         self._blocked_nets = blocked_nets
-        self.allowed_networks_v4 = _collapse((n for n, _ in allowed_nets), 4)
-        self.allowed_networks_v6 = _collapse((n for n, _ in allowed_nets), 6)
-        self.blocked_networks_v4 = _collapse((n for n, _ in blocked_nets), 4)
-        self.blocked_networks_v6 = _collapse((n for n, _ in blocked_nets), 6)
+        self.allowed_ranges_v4 = merge_ranges((sp for sp, _ in allowed_nets), 4)
+        self.allowed_ranges_v6 = merge_ranges((sp for sp, _ in allowed_nets), 6)
+        self.blocked_ranges_v4 = merge_ranges((sp for sp, _ in blocked_nets), 4)
+        self.blocked_ranges_v6 = merge_ranges((sp for sp, _ in blocked_nets), 6)
+
+    # The same unions as ipaddress networks (for people and tests; the renderer uses the ranges).
+    @property
+    def allowed_networks_v4(self) -> list[IPNetwork]:
+        return _networks(self.allowed_ranges_v4, 4)
+
+    @property
+    def allowed_networks_v6(self) -> list[IPNetwork]:
+        return _networks(self.allowed_ranges_v6, 6)
+
+    @property
+    def blocked_networks_v4(self) -> list[IPNetwork]:
+        return _networks(self.blocked_ranges_v4, 4)
+
+    @property
+    def blocked_networks_v6(self) -> list[IPNetwork]:
+        return _networks(self.blocked_ranges_v6, 6)
 
     @property
     def policy(self) -> Policy:
@@ -145,10 +183,11 @@ class CompiledPolicy:
         return self._deny(product, IP_NO_MATCH_REASON, None, "IP")
 
 
-def _best(address: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[tuple[IPNetwork, str]]) -> str | None:
-    """The label of the most specific network containing the address (first one on ties), or None."""
+def _best(address: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[tuple[Span, str]]) -> str | None:
+    """The label of the most specific range containing the address (first one on ties), or None."""
+    value, version = int(address), address.version
     best: tuple[int, str] | None = None
-    for net, label in nets:
-        if net.version == address.version and address in net and (best is None or net.prefixlen > best[0]):
-            best = (net.prefixlen, label)
+    for (v, first, last), label in nets:
+        if v == version and first <= value <= last and (best is None or last - first < best[0]):
+            best = (last - first, label)
     return None if best is None else best[1]

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,23 +27,14 @@ from egressd.baked import Baked  # noqa: E402
 from egressd.core.config import config_from_dict  # noqa: E402
 from egressd.core.policy import default_policy  # noqa: E402
 from egressd.engine import Engine  # noqa: E402
+from egressd.netns import entered  # noqa: E402
 from egressd.libnft import Nft  # noqa: E402
 from egressd.statestore import StateStore  # noqa: E402
 
 
 def nft_in(ns: str) -> Nft:
-    libc = ctypes.CDLL(None, use_errno=True)
-    orig = os.open("/proc/self/ns/net", os.O_RDONLY)
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        assert libc.setns(fd, 0x40000000) == 0
-        try:
-            return Nft()
-        finally:
-            assert libc.setns(orig, 0x40000000) == 0
-    finally:
-        os.close(fd)
-        os.close(orig)
+    with entered(ns):
+        return Nft()
 
 
 def policy(pid: str, n: int, flip: int) -> dict:
@@ -68,8 +57,6 @@ async def case(nft: Nft, tmp: Path, destinations: int, workloads: int, repeat: i
     })
     admin = Admin(Engine(cfg, nft), StateStore(cfg.state.dir), Baked(cfg, {"default-policy": default_policy()}, {}, ()))
     admin.start()
-    for i in range(workloads):
-        pass
     if workloads > 1:
         # register the workloads in one pushed state (the bench measures the apply that follows)
         admin.pushed.workloads.update({

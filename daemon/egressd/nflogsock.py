@@ -14,9 +14,7 @@ which may have dropped several packets).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
-import os
 import select
 import socket
 import time
@@ -28,12 +26,12 @@ import structlog
 from egressd.core import nflog
 from egressd.core.nflog import Ack, LoggedPacket, NetlinkError
 from egressd.errors import EgressdError
+from egressd.netns import entered
 
 log = structlog.get_logger("egressd.nflog")
 
 NETLINK_NETFILTER = 12
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-CLONE_NEWNET = 0x40000000
 RECV_SIZE = 256 * 1024  # above the kernel's 128 KiB batch limit, so a datagram fits
 MAX_READS_PER_WAKEUP = 64
 MAX_PENDING = 10_000  # packets kept while configuring, before start()
@@ -53,29 +51,12 @@ class NflogGroupBusy(NflogError):
 
 def socket_in_netns(netns: str | None) -> socket.socket:
     """A non-blocking NETLINK_NETFILTER socket, created inside the network namespace at path
-    ``netns`` (e.g. /run/netns/NAME) when given. Only the calling thread switches, and only
-    for the socket() call; the socket stays in the namespace it was created in."""
+    ``netns`` (e.g. /run/netns/NAME) when given; it stays in that namespace."""
     kind = socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
     if netns is None:
         return socket.socket(socket.AF_NETLINK, kind, NETLINK_NETFILTER)
-    libc = ctypes.CDLL(None, use_errno=True)
-    orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if libc.setns(target, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-        finally:
-            os.close(target)
-        try:
-            return socket.socket(socket.AF_NETLINK, kind, NETLINK_NETFILTER)
-        finally:
-            if libc.setns(orig, CLONE_NEWNET) != 0:  # pragma: no cover - would leave the thread moved
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns back: {os.strerror(err)}")
-    finally:
-        os.close(orig)
+    with entered(netns):
+        return socket.socket(socket.AF_NETLINK, kind, NETLINK_NETFILTER)
 
 
 class NflogReader:

@@ -6,6 +6,7 @@ import pytest
 
 from egressd.lab import Lab
 from egressd.lab import world
+from egressd.lab.apiclient import call
 from egressd.lab.collectorproc import CollectorProc
 from egressd.lab.daemonproc import DaemonProc
 
@@ -19,26 +20,7 @@ class Env:
         self.w1, self.w2, self.w3, self.w4 = lab.workloads[:4]  # restricted / dry-run / full access / unregistered
 
     def api(self, method: str, path: str, body=None) -> tuple[int, object]:
-        import http.client
-        import json
-        import socket
-
-        class UnixHTTP(http.client.HTTPConnection):
-            def connect(conn) -> None:
-                conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                conn.sock.connect(str(self.config.parent / "api.sock"))
-
-        c = UnixHTTP("localhost", timeout=10)
-        try:
-            c.request(method, path, body=None if body is None else json.dumps(body))
-            r = c.getresponse()
-            raw = r.read()
-            try:
-                return r.status, json.loads(raw or b"{}")
-            except json.JSONDecodeError:
-                return r.status, raw.decode()
-        finally:
-            c.close()
+        return call(str(self.config.parent / "api.sock"), method, path, body)
 
     def nft(self, *args: str) -> str:
         return self.lab.run(self.lab.node_ns, ["nft", *args], check=True).stdout
@@ -65,29 +47,16 @@ class ScratchNs:
     netlink socket is opened inside the namespace, so the test process itself never moves."""
 
     def __init__(self) -> None:
-        import ctypes
-        import os
         import subprocess
         import uuid
 
+        from egressd.netns import entered
         from egressd.libnft import Nft
 
         self.name = f"egt{uuid.uuid4().hex[:8]}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
-        libc = ctypes.CDLL(None, use_errno=True)
-        orig = os.open("/proc/self/ns/net", os.O_RDONLY)
-        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, 0x40000000) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-            try:
-                self.nft = Nft()
-            finally:
-                if libc.setns(orig, 0x40000000) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back")
-        finally:
-            os.close(fd)
-            os.close(orig)
+        with entered(self.name):
+            self.nft = Nft()
 
     def ruleset(self) -> str:
         import subprocess

@@ -3,10 +3,8 @@ unix socket answers only root and the socket group."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from egressd.lab import Lab, world
+from egressd.lab.apiclient import call
 from egressd.lab.daemonproc import DaemonProc
 
 P = "/api/2.0"
@@ -33,24 +32,6 @@ PROBE = textwrap.dedent(
 )
 
 
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=10)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.unix_path)
-
-
-def call(sock: str, method: str, path: str, body=None) -> tuple[int, dict]:
-    c = UnixHTTP(sock)
-    try:
-        c.request(method, path, body=None if body is None else json.dumps(body), headers={"Content-Type": "application/json"})
-        r = c.getresponse()
-        return r.status, json.loads(r.read() or b"{}")
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
-import pytest
 
 SEED_SQL = (
     "select * from system.access.outbound_network\n"

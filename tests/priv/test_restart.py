@@ -110,20 +110,12 @@ def test_deny_action_drop_makes_clients_time_out(lab):
 
 
 def test_pushed_state_survives_a_daemon_restart(lab):
-    import http.client
-    import json
-    import socket
+    from egressd.lab.apiclient import call as api
 
     config = world.write_config(lab)
-    sock = str(config.parent / "api.sock")
 
     def call(method, path, body=None):
-        c = http.client.HTTPConnection("localhost", timeout=10)
-        c.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.sock.connect(sock)
-        c.request(method, path, body=None if body is None else json.dumps(body))
-        r = c.getresponse()
-        return r.status, json.loads(r.read() or b"{}")
+        return api(str(config.parent / "api.sock"), method, path, body)
 
     d = DaemonProc(lab, config)
     d.start()

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import http.client
-import json
-import socket
 
 P = "/api/2.0"
 
 
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=10)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.unix_path)
-
-
 def call(env, method, path, body=None):
-    sock = str(env.config.parent / "api.sock")
-    c = UnixHTTP(sock)
-    try:
-        c.request(method, path, body=None if body is None else json.dumps(body))
-        r = c.getresponse()
-        return r.status, json.loads(r.read() or b"{}")
-    finally:
-        c.close()
+    return env.api(method, path, body)
 
 
 def test_allowed_azure_dfs_account_is_reachable(env):

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..admin import Admin
-from ..errors import EgressdError, PermissionDenied, Unauthenticated, ValidationError
+from ..errors import EgressdError, PermissionDenied, ValidationError
 from .openapi import openapi_document
 
 log = structlog.get_logger("egressd.api")

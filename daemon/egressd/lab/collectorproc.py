@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .netns import entered
+from ..netns import entered
 
 
 class _NsHTTP(http.client.HTTPConnection):

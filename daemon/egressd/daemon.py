@@ -8,6 +8,7 @@ restricted while no daemon runs."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
@@ -15,11 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
+from aiohttp import web
 from pyroute2 import IPRoute
 
 from . import __version__
 from .admin import Admin
-from .api.server import make_app, read_token, serve, socket_group_gid
+from .api.server import make_app, make_metrics_app, read_token, serve, socket_group_gid
 from .baked import Baked, load_baked
 from .engine import Engine
 from .errors import EgressdError
@@ -94,6 +96,16 @@ class Daemon:
             log.warning("api_socket_group_missing", group=self.cfg.api.socket_group, note="socket is root-only")
         app = make_app(self.admin, status=self.status, metrics=self.metrics, token=self.token, socket_gid=gid)
         runner = await serve(app, socket_path=self.cfg.api.socket, socket_gid=gid, tcp=self.cfg.api.tcp_listen)
+        runners = [runner]
+        if self.cfg.api.metrics_listen:
+            mrunner = web.AppRunner(make_metrics_app(self.metrics), access_log=None, handle_signals=False)
+            await mrunner.setup()
+            await web.TCPSite(mrunner, *self.cfg.api.metrics_listen).start()
+            runners.append(mrunner)
+        if os.environ.get("EGRESSD_TEST_HOOKS") == "1":
+            # Test hook: SIGUSR2 stalls the event loop, so tests can see the watchdog pings stop.
+            stall = float(os.environ.get("EGRESSD_TEST_STALL_SECONDS", "3"))
+            loop.add_signal_handler(signal.SIGUSR2, lambda: time.sleep(stall))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
@@ -114,7 +126,8 @@ class Daemon:
         self.notifier.notify(stopping=1, status="stopping; the ruleset stays in the kernel")
         for t in tasks:
             t.cancel()
-        await runner.cleanup()
+        for r in runners:
+            await r.cleanup()
         await self.shim.close()
         self.nflog.close()
         await self.shipper.close()
@@ -159,13 +172,23 @@ class Daemon:
         e, x = self.engine, Exposition()
         x.one("egressd_ruleset_generation", "gauge", "Generation of the ruleset in the kernel.", e.generation)
         x.one("egressd_ruleset_apply_duration_seconds", "gauge", "Duration of the last ruleset apply.", e.last_apply_ms / 1000)
-        x.metric("egressd_allowed_ips", "gauge", "Resolved IPs in each workspace's allow sets.",
-                 [({"workspace_id": ws}, e.cache.size(ws)) for ws in sorted(e.cache.workspaces())])
+        x.metric("egressd_set_elements", "gauge", "Resolved IPs in each workspace's allow sets, by workspace and policy.",
+                 [({"workspace_id": ws, "policy_id": e.policy_of(ws) or ""}, e.cache.size(ws)) for ws in sorted(e.cache.workspaces())])
         x.one("egressd_programmed_ips_total", "counter", "IPs programmed into the kernel sets.", e.counters["programmed_ips"])
         x.one("egressd_program_errors_total", "counter", "Failed set updates (the answer became SERVFAIL).", e.counters["program_errors"])
-        stats = self.shim.stats if self.shim else {}
-        x.metric("egressd_dns_events_total", "counter", "DNS shim events by kind.",
-                 [({"kind": k}, v) for k, v in sorted(stats.items())])
+        shim = self.shim
+        if shim is not None:
+            x.metric("egressd_dns_answers_total", "counter",
+                     "DNS answers by outcome (allowed: IPs programmed; forwarded: unrestricted or dry run; denied; servfail) and rcode.",
+                     [({"outcome": o, "rcode": str(rc)}, n) for (o, rc), n in sorted(shim.answers.items())])
+            x.histogram("egressd_dns_forward_duration_seconds",
+                        "Time from a forwarded query to its answer (upstream round trip and set programming).", shim.latency)
+            st = shim.stats
+            x.one("egressd_dns_queries_total", "counter", "DNS queries received by the shim.", st["queries"])
+            x.metric("egressd_dns_upstream_errors_total", "counter", "Upstream failures by kind.",
+                     [({"kind": k}, st[k]) for k in ("upstream_errors", "upstream_timeouts", "upstream_failure_rcodes")])
+            x.metric("egressd_dns_events_total", "counter", "Other DNS shim events by kind.",
+                     [({"kind": k}, v) for k, v in sorted(st.items()) if k not in ("queries", "upstream_errors", "upstream_timeouts", "upstream_failure_rcodes")])
         x.one("egressd_workloads", "gauge", "Registered workloads.", len(e.plan.workloads) if e.plan else 0)
         x.metric("egressd_denial_events_total", "counter", "Denial events built, by kind (folded: bursts folded into one).",
                  [({"kind": k}, v) for k, v in sorted(self.reporter.counts.items())])

@@ -46,6 +46,7 @@ from egressd.core.dnsmsg import (
     with_id,
 )
 from egressd.errors import DnsFormatError
+from egressd.metrics import Histogram
 
 log = structlog.get_logger("egressd.shim")
 
@@ -145,6 +146,9 @@ class DnsShim:
         self._max_tcp = max_tcp_connections
         self._known_client = known_client  # if set, malformed queries from others are dropped
         self.stats: collections.Counter[str] = collections.Counter()
+        # Answers by (outcome, rcode) and the time to answer a forwarded query, for /metrics.
+        self.answers: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.latency = Histogram()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._udp: list[asyncio.DatagramTransport] = []
@@ -251,6 +255,7 @@ class DnsShim:
             return False
         if kind == "deny":
             stats["denied"] += 1
+            self.answers[("denied", action.rcode)] += 1
             send(truncate_for_udp(out, q) if udp else out)
             return True
         if kind != "forward":
@@ -269,6 +274,7 @@ class DnsShim:
 
     def _servfail(self, q: Query, send: Send) -> None:
         self.stats["servfail"] += 1
+        self.answers[("servfail", 2)] += 1
         send(servfail_response(q))
 
     async def _forward(self, q: Query, action: ShimAction, send: Send, udp: bool) -> None:
@@ -287,6 +293,8 @@ class DnsShim:
             out = with_id(answer, q.id)
             send(truncate_for_udp(out, q) if udp else out)
             self.stats["forwarded"] += 1
+            self.answers[("allowed" if action.target is not None else "forwarded", info.rcode)] += 1
+            self.latency.observe(loop.time() - (deadline - self._total_timeout))
         except asyncio.CancelledError:
             raise
         except Exception:

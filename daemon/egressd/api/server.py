@@ -201,6 +201,17 @@ def make_app(admin: Admin, *, status: Callable[[], dict], metrics: Callable[[], 
     return app
 
 
+def make_metrics_app(metrics: Callable[[], str]) -> web.Application:
+    """GET /metrics only, for a Prometheus scraper on TCP (nothing else is reachable there)."""
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(text=metrics(), content_type="text/plain", charset="utf-8")
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    return app
+
+
 def socket_group_gid(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid

@@ -65,6 +65,7 @@ class ApiConfig:
     socket_group: str = "egressd"
     tcp_listen: HostPort | None = None  # (host, port); IPv6 without brackets
     token_file: str | None = None
+    metrics_listen: HostPort | None = None  # an unauthenticated /metrics-only listener
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -295,6 +296,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
         "socket": _abs_path,
         "socket_group": _pattern(_GROUP_RE, "group name"),
         "tcp_listen": _listen,
+        "metrics_listen": _listen,
         "token_file": _abs_path,
     }),
     "collector": (CollectorConfig, {"url": _url}),
@@ -461,6 +463,8 @@ socket_group = "egressd"
 # "Authorization: Bearer <token>"; the token is read from token_file, required then.
 # tcp_listen = "127.0.0.1:9181"
 # token_file = "/etc/egressd/api.token"
+# Optional listener that serves only GET /metrics (Prometheus), without a token.
+# metrics_listen = "127.0.0.1:9182"
 
 [collector]
 # egress-collector, which stores the denial events (an http:// or https:// URL).

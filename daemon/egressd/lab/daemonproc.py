@@ -25,13 +25,13 @@ class DaemonProc:
         self._sock: socket.socket | None = None
         self.messages: list[str] = []
 
-    def start(self, timeout: float = 15.0) -> float:
+    def start(self, timeout: float = 15.0, extra_env: dict[str, str] | None = None) -> float:
         """Start the daemon; return seconds until READY=1. Raises DaemonStartError with its log."""
         self.notify_path.unlink(missing_ok=True)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(self.notify_path))
         self._sock.settimeout(0.1)
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), PYTHONUNBUFFERED="1", **(extra_env or {}))
         log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.proc = self.lab.popen(

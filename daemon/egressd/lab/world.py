@@ -115,6 +115,7 @@ def write_config(
     collector_url: str | None = None,
     tcp_listen: str | None = None,
     token_file: str | None = None,
+    metrics_listen: str | None = None,
 ) -> Path:
     """Write the policies and egressd.toml for this lab into lab.tmpdir; return the config path."""
     root = Path(lab.tmpdir) / "egressd"
@@ -136,6 +137,7 @@ def write_config(
         f'socket = "{api_socket or root / "api.sock"}"',
         f'socket_group = "{socket_group}"',
         *([f'tcp_listen = "{tcp_listen}"', f'token_file = "{token_file}"'] if tcp_listen else []),
+        *([f'metrics_listen = "{metrics_listen}"'] if metrics_listen else []),
         "[collector]",
         f'url = "{collector_url or "http://127.0.0.1:9180"}"',
         "[state]",

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
-from egressd.lab import Lab, world  # noqa: E402
-from egressd.lab.collectorproc import CollectorProc  # noqa: E402
-from egressd.lab.daemonproc import DaemonProc  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlab import BenchLab, median
 
 SENDER = textwrap.dedent(
     """
@@ -63,7 +63,7 @@ SENDER = textwrap.dedent(
 )
 
 
-def run_rate(lab, collector, rate: int, seconds: float) -> dict:
+def run_rate(lab, collector, rate: int, seconds: float, drain: float = 30) -> dict:
     tag = f"b{uuid.uuid4().hex[:6]}"
     seen: dict[str, float] = {}
     stop = threading.Event()
@@ -83,7 +83,7 @@ def run_rate(lab, collector, rate: int, seconds: float) -> dict:
     poller.start()
     r = lab.run(lab.workloads[0].netns, [sys.executable, "-c", SENDER, str(rate), str(seconds), tag], timeout=seconds + 30)
     sent, answered = map(int, r.stdout.split())
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + drain
     while time.monotonic() < deadline and len(seen) < sent:
         time.sleep(0.1)
     stop.set()
@@ -98,6 +98,32 @@ def run_rate(lab, collector, rate: int, seconds: float) -> dict:
     }
 
 
+def suite(seconds: float = 10, rounds: int = 3, p99_rate: int = 5000, ladder: tuple[int, ...] = (10_000, 20_000),
+          log=print) -> dict:
+    """p99 denial-to-queryable at ``p99_rate`` (median of ``rounds`` runs), then the ladder of higher
+    rates once each: the highest rate whose events all arrived is the sustained rate without loss."""
+    with BenchLab(collector=True) as bl:
+        bl.start_daemon()
+        at = []
+        for _ in range(rounds):
+            at.append(run_rate(bl.lab, bl.collector, p99_rate, seconds, drain=10))
+            log(f"  denials {p99_rate}/s: lost={at[-1]['lost']} p50={at[-1]['latency_ms_p50']} ms p99={at[-1]['latency_ms_p99']} ms")
+        higher = []
+        for rate in ladder:
+            higher.append(run_rate(bl.lab, bl.collector, rate, seconds, drain=10))
+            log(f"  denials {rate}/s: sent={higher[-1]['sent']} lost={higher[-1]['lost']} p99={higher[-1]['latency_ms_p99']} ms")
+    ok = [r for r in at + higher if r["lost"] == 0 and r["sent"] > 0]
+    best = max(ok, key=lambda r: r["sent"] / r["seconds"], default=None)
+    return {
+        "p99_rate_per_s": p99_rate, "seconds": seconds, "rounds": rounds,
+        "p99_ms_median": median(r["latency_ms_p99"] for r in at),
+        "p50_ms_median": median(r["latency_ms_p50"] for r in at),
+        "lost_total_at_p99_rate": sum(r["lost"] for r in at),
+        "sustained_without_loss_per_s": round(best["sent"] / best["seconds"]) if best else 0,
+        "runs": at, "ladder": higher,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", default="1000,5000,10000")
@@ -105,19 +131,12 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     results = []
-    with Lab(workloads=1, records=world.records(race=0), cnames=world.CNAMES) as lab:
-        collector = CollectorProc(lab)
-        collector.start()
-        d = DaemonProc(lab, world.write_config(lab, collector_url=collector.url))
-        d.start()
-        try:
-            for rate in map(int, args.rates.split(",")):
-                res = run_rate(lab, collector, rate, args.seconds)
-                print(json.dumps(res), flush=True)
-                results.append(res)
-        finally:
-            d.stop()
-            collector.stop()
+    with BenchLab(collector=True) as bl:  # the lab, egress-collector, the daemon (DNS rate limit off)
+        bl.start_daemon()
+        for rate in map(int, args.rates.split(",")):
+            res = run_rate(bl.lab, bl.collector, rate, args.seconds)
+            print(json.dumps(res), flush=True)
+            results.append(res)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

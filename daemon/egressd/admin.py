@@ -23,8 +23,8 @@ from .core.policy import DEFAULT_POLICY_ID, PRODUCTS, Policy, parse_policy
 from .core.workloads import WORKSPACE_ID_RE, Workload, parse_workload
 from .engine import Engine, State
 from .core.verdict import CompiledPolicy
-from .errors import AlreadyExists, Conflict, FieldError, NotFound, ValidationError
-from .statestore import Pushed, StateStore
+from .errors import AlreadyExists, ApplyError, Conflict, FieldError, NotFound, ValidationError
+from .statestore import Pushed, StateStore, StateWriteError
 
 log = structlog.get_logger("egressd.admin")
 
@@ -150,17 +150,25 @@ class Admin:
             result = edit(new)
             eff = self._merge(new)
             self._check_limits(self.effective, eff)
-            tmp = self.store.prepare(new)
             old_gen = self.engine.generation
+            failed = {"caller": caller, "action": action, "object": obj, "generation": old_gen}
+            try:
+                tmp = self.store.prepare(new)
+            except StateWriteError as e:
+                log.error("api_change_failed", step="write_state", error=str(e), **failed)
+                raise
             try:
                 self.engine.apply(eff.state(), reason=f"{action} {obj}")
-            except BaseException:
+            except BaseException as e:
                 self.store.abort(tmp)
+                if isinstance(e, ApplyError):
+                    log.error("api_change_failed", step="apply", error=str(e), **failed)
                 raise
             try:
                 self.store.commit(tmp)
-            except BaseException:
+            except BaseException as e:
                 self.store.abort(tmp)
+                log.error("api_change_failed", step="commit_state", error=str(e), **failed)
                 self.engine.apply(self.effective.state(), reason="rollback")
                 raise
             self.pushed, self.effective, self.last_change = new, eff, time.time()

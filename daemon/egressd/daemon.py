@@ -88,6 +88,7 @@ class Daemon:
             classify=self.engine.classify,
             program=self.engine.program,
             total_timeout=cfg.upstream_timeout_ms / 1000,
+            max_inflight=cfg.max_inflight,
             known_client=lambda ip: self.engine.workload_of(ip) is not None,
         )
         await self.shim.start([("0.0.0.0", cfg.listen_port), ("::", cfg.listen_port)])
@@ -189,6 +190,19 @@ class Daemon:
                      [({"kind": k}, st[k]) for k in ("upstream_errors", "upstream_timeouts", "upstream_failure_rcodes")])
             x.metric("egressd_dns_events_total", "counter", "Other DNS shim events by kind.",
                      [({"kind": k}, v) for k, v in sorted(st.items()) if k not in ("queries", "upstream_errors", "upstream_timeouts", "upstream_failure_rcodes")])
+        x.metric("egressd_dns_rate_limited_total", "counter",
+                 "DNS queries refused at once because their workload was over [dns] rate_limit_qps, by workspace.",
+                 [({"workspace_id": ws}, n) for ws, n in sorted(e.dns_rate_limited.items())])
+        af = e.answer_filter
+        x.metric("egressd_dns_filtered_addresses_total", "counter",
+                 "Addresses of allowed answers never programmed because they are special "
+                 "(loopback, link-local, metadata-service, multicast, unspecified, broadcast, node-address), by reason.",
+                 [({"reason": r}, n) for r, n in sorted(af.filtered.items())])
+        x.one("egressd_dns_refused_answers_total", "counter",
+              "Allowed answers turned into SERVFAIL for holding special addresses ([dns] special_addresses = \"refuse\").",
+              af.refused_answers)
+        x.one("egressd_dns_capped_addresses_total", "counter",
+              "Addresses of allowed answers left out of the allow sets by [dns] max_ips_per_name.", af.capped)
         x.one("egressd_workloads", "gauge", "Registered workloads.", len(e.plan.workloads) if e.plan else 0)
         x.metric("egressd_denial_events_total", "counter", "Denial events built, by kind (folded: bursts folded into one).",
                  [({"kind": k}, v) for k, v in sorted(self.reporter.counts.items())])
@@ -198,6 +212,9 @@ class Daemon:
         x.metric("egressd_log_suppressed_packets_total", "counter",
                  "New flows the kernel's per-source log rate limit kept out of the log.",
                  [({"workspace_id": ws}, n) for ws, n in sorted(e.suppressed_counts().items())])
+        x.one("egressd_antispoof_drops_total", "counter",
+              "Packets dropped with a registered workload's source address on the wrong interface (spoofed; "
+              "counted, never logged as events: the sender cannot be attributed).", e.antispoof_drops())
         sh = self.shipper.stats()
         x.one("egressd_spool_events", "gauge", "Events waiting in the on-disk spool.", sh["spool_events"])
         x.one("egressd_collector_backlog_events", "gauge", "Events not yet delivered to the collector.", sh["backlog"])

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
 
+from .core.addrfilter import FilterCounters, SpecialAddressRefused
+from .core.addrfilter import split as split_special
 from .core.config import Config
 from .core.connections import Connections
-from .core.dnsmsg import Query
+from .core.dnsmsg import EDE_OTHER, REFUSED, Query
 from .core.ipcache import IpCache
 from .core.plan import Plan, build_plan
 from .core.policy import Policy
+from .core.ratelimit import TokenBuckets
 from .core.ruleset import RenderOptions, delete_table, program_elements, render_table, replace_table
 from .core.verdict import CompiledPolicy, Decision, Verdict
 from .core.workloads import Workload
@@ -71,6 +75,11 @@ class Engine:
         self.generation = 0
         self.last_apply_ms = 0.0
         self.counters = {"programmed_ips": 0, "program_errors": 0}
+        # The per-workload DNS query rate limit (buckets by workload id) and its rejections by workspace.
+        self.dns_limit = TokenBuckets(cfg.dns.rate_limit_qps, cfg.dns.rate_limit_burst)
+        self.dns_rate_limited: Counter[str] = Counter()
+        # Answer addresses kept out of the allow sets: special ones by reason, and those over the cap.
+        self.answer_filter = FilterCounters()
         # Compiled policies by the identity of the (immutable) Policy they were built from.
         self._compiled: dict[int, tuple[Policy, CompiledPolicy]] = {}
 
@@ -178,6 +187,15 @@ class Engine:
                 out[c["name"][3:-11]] = int(c.get("packets", 0))
         return out
 
+    def antispoof_drops(self) -> int:
+        """Packets the anti-spoofing chain dropped: a registered workload's source address on an
+        interface the node does not route it to. 0 while no table is loaded."""
+        for o in self.nft.list_json("counter inet egressd antispoof_drops"):
+            c = o.get("counter")
+            if c:
+                return int(c.get("packets", 0))
+        return 0
+
     def uninstall(self) -> None:
         self.nft.run(delete_table())
 
@@ -197,6 +215,11 @@ class Engine:
 
     def classify(self, src: str, q: Query) -> ShimAction:
         wl = self.workload_of(src)
+        if wl is not None and not self.dns_limit.allow(wl.workload_id, self.clock()):
+            # Before any policy work: a flood costs a bucket lookup, no upstream query, no event.
+            self.dns_rate_limited[wl.workspace_id] += 1
+            text = f"egressd: rate limited (workload {wl.workload_id} over {self.cfg.dns.rate_limit_qps} queries/s)"
+            return ShimAction("deny", rcode=REFUSED, ede_text=text, ede_code=EDE_OTHER)
         if wl is None:
             # The node itself is unrestricted; anybody else gets no answer (never an open resolver).
             return ShimAction("forward") if self._is_node(src) else ShimAction("ignore")
@@ -226,8 +249,27 @@ class Engine:
         wp = self.plan.workspaces.get(target.workspace_id) if self.plan else None
         if wp is None or not wp.restricted:
             return
-        addrs = addrs[: self.cfg.dns.max_ips_per_name]
-        todo = self.cache.record(target.workspace_id, target.name, addrs, self.cfg.dns.min_ttl, self.clock())
+        # Special addresses (loopback, link-local, the node's own...) never open anything.
+        kept, filtered = split_special(addrs, self.node_addresses)
+        af = self.answer_filter
+        if filtered:
+            af.filtered.update(reason for _, reason in filtered)
+            refuse = self.cfg.dns.special_addresses == "refuse"
+            suppressed = af.warn_due(target.workspace_id, self.clock())
+            if suppressed is not None:
+                log.warning("dns_special_addresses_filtered", workspace_id=target.workspace_id,
+                            name=target.name, action=self.cfg.dns.special_addresses,
+                            addresses=[f"{ip} ({why})" for ip, why in filtered[:8]],
+                            filtered=len(filtered), suppressed_warnings=suppressed)
+            if refuse:
+                af.refused_answers += 1
+                raise SpecialAddressRefused(f"{target.name}: the answer holds special addresses")
+        # The cap keeps the first addresses in answer order.
+        cap = self.cfg.dns.max_ips_per_name
+        if len(kept) > cap:
+            af.capped += len(kept) - cap
+            kept = kept[:cap]
+        todo = self.cache.record(target.workspace_id, target.name, kept, self.cfg.dns.min_ttl, self.clock())
         if not todo:
             return
         try:

@@ -33,6 +33,7 @@ from typing import Literal
 import structlog
 
 from egressd.core.dnsmsg import (
+    EDE_BLOCKED,
     REFUSED,
     SERVFAIL,
     AnswerInfo,
@@ -69,6 +70,7 @@ class ShimAction:
     target: object | None = None  # opaque; if set, answer IPs go to program(target, addrs) first
     rcode: int = 3  # for deny
     ede_text: str = ""  # for deny
+    ede_code: int = EDE_BLOCKED  # for deny: the Extended DNS Error INFO-CODE
 
 
 class _Outcome:
@@ -244,7 +246,7 @@ class DnsShim:
         try:
             action = self._classify(client, q)
             kind = action.kind
-            out = deny_response(q, action.rcode, action.ede_text) if kind == "deny" else b""
+            out = deny_response(q, action.rcode, action.ede_text, action.ede_code) if kind == "deny" else b""
         except Exception:
             stats["classify_errors"] += 1
             self._warn("classify_error", "classify callback failed", exc_info=True)

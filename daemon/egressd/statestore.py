@@ -17,6 +17,18 @@ from .errors import EgressdError, FieldError, ValidationError
 FORMAT = 1
 
 
+class StateWriteError(EgressdError):
+    """state.dir could not be written (disk full, read-only, gone...). Nothing was changed: the
+    old state file is intact and the kernel was not touched (or was rolled back)."""
+
+    error_code = "INTERNAL_ERROR"
+
+
+def _write_error(action: str, path: Path, e: OSError) -> StateWriteError:
+    return StateWriteError(f"cannot {action} {path}: {e.strerror or e} (errno {e.errno}); "
+                           "the change was not applied, the old state is kept")
+
+
 @dataclass
 class Pushed:
     """Pushed objects in their API JSON form (validated before they get here)."""
@@ -73,30 +85,46 @@ class StateStore:
             raise EgressdError(f"{self.path} is corrupt ({e}); refusing to guess. Move it away to start from the baked state.") from None
 
     def prepare(self, pushed: Pushed) -> Path:
-        """Write the new state next to the old one, durably. Returns the temporary path."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        """Write the new state next to the old one, durably. Returns the temporary path.
+        Raises StateWriteError (the temporary file removed) when the disk refuses."""
         tmp = self.dir / f".state.json.{os.getpid()}.tmp"
         data = json.dumps(pushed.to_json(), separators=(",", ":"), sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            raise _write_error("create", tmp, e) from None
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        except OSError:
+        except OSError as e:
             os.close(fd)
             tmp.unlink(missing_ok=True)
-            raise
+            raise _write_error("write", tmp, e) from None
         os.close(fd)
         return tmp
 
     def commit(self, tmp: Path) -> None:
-        os.replace(tmp, self.path)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        """Rename the prepared file over the state file. Raises StateWriteError if the rename
+        fails (the old file is then intact); a failed directory fsync after it is not an error
+        of the change, which is already in place."""
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise _write_error("replace", self.path, e) from None
+        try:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass  # the rename is done; only its durability across a power cut is in doubt
 
     def abort(self, tmp: Path) -> None:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a leftover temporary file is harmless: the next prepare truncates it

@@ -18,8 +18,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import sqlglot
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlglot import exp
 
 from egressd.collector.app import make_app, parse_since
 from egressd.collector.sqlguard import translate
@@ -437,6 +439,53 @@ def test_translate_sql_shaped_junk(text):
     assert "read_csv" not in out.lower() and "LIMIT" in out
 
 
+_SQL_SEEDS = [
+    SEED_SQL,
+    "select destination, count(*) from system.access.outbound_network group by 1 order by 2 desc limit 10",
+    "with d as (select * from outbound_network where access_type = 'DROP') select d.event_id from d",
+    ("select dns_event.domain_name, ip_event.destination_port from outbound_network "
+     "where event_time >= '2024-01-01' union all select 'x', 1"),
+]
+
+
+@st.composite
+def _mutated_sql(draw) -> str:
+    text = draw(st.sampled_from(_SQL_SEEDS))
+    for _ in range(draw(st.integers(1, 6))):
+        pos = draw(st.integers(0, len(text)))
+        op = draw(st.sampled_from(["replace", "insert", "delete", "splice"]))
+        junk = draw(st.one_of(
+            st.text(st.sampled_from("()[]{}'\"`,;.*-+/=<>!|:$?@ \n\t0129aZ_\\"), min_size=1, max_size=3),
+            _SQL_WORDS.map(lambda w: f" {w} ")))
+        if op == "replace":
+            text = text[:pos] + junk + text[pos + len(junk):]
+        elif op == "insert":
+            text = text[:pos] + junk + text[pos:]
+        elif op == "delete":
+            text = text[:pos] + text[pos + len(junk):]
+        else:
+            other = draw(st.sampled_from(_SQL_SEEDS))
+            text = text[:pos] + other[draw(st.integers(0, len(other))):]
+    return text
+
+
+@given(_mutated_sql())
+@settings(max_examples=500, deadline=None)
+def test_translate_mutated_real_queries(text):
+    """Queries near real ones: refused with ValidationError, or translated into DuckDB SQL that
+    reads only the real table and is capped."""
+    try:
+        out = translate(text, 10)
+    except ValidationError as exc:
+        assert str(exc).startswith("query: ")
+        return
+    assert "read_csv" not in out.lower() and "LIMIT" in out
+    tree = sqlglot.parse_one(out, read="duckdb")
+    ctes = {c.alias_or_name.lower() for c in tree.find_all(exp.CTE)}
+    for table in tree.find_all(exp.Table):
+        assert table.name.lower() in {"outbound_network"} | ctes and not table.db, (text, out)
+
+
 # -- health and metrics ----------------------------------------------------------------------
 
 async def test_healthz(client):
@@ -486,6 +535,44 @@ async def test_metrics_format(client):
     assert values[p + "insert_duration_seconds_count"] == 2
     assert values[p + 'insert_duration_seconds_bucket{le="+Inf"}'] == 2
     assert types[p + "insert_duration_seconds"] == "histogram"
+
+
+
+# -- OpenAPI document ------------------------------------------------------------------------
+
+async def test_openapi_document_matches_the_routes(client):
+    from egressd import __version__
+    from egressd.collector.openapi import openapi_document
+
+    r = await client.get("/v1/openapi.json")
+    assert r.status == 200
+    doc = await r.json()
+    assert doc == json.loads(json.dumps(openapi_document(__version__)))
+    assert doc["openapi"].startswith("3.0") and doc["info"]["version"] == __version__
+    served = set()
+    for route in client.server.app.router.routes():
+        info = route.resource.get_info()
+        if route.method != "HEAD":
+            served.add((route.method.lower(), info.get("path") or info.get("formatter")))
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}
+    assert served == documented
+    # The event schema is the table's columns, with the server's enums and filters.
+    event = doc["components"]["schemas"]["Event"]
+    assert list(event["properties"]) == list(COLUMNS)
+    assert event["properties"]["access_type"]["enum"] == ["DROP", "LOG_ONLY_DENIAL"]
+    params = [q["name"] for q in doc["paths"]["/v1/events"]["get"]["parameters"]]
+    assert params == ["since", "access_type", "workspace_id", "destination_type", "limit"]
+    # Every $ref resolves.
+    refs = re.findall(r'"\$ref": "#/components/schemas/(\w+)"', json.dumps(doc))
+    assert refs and set(refs) <= set(doc["components"]["schemas"])
+
+
+async def test_openapi_document_is_valid_for_schemathesis(client):
+    schemathesis = pytest.importorskip("schemathesis")
+    r = await client.get("/v1/openapi.json")
+    schema = schemathesis.openapi.from_dict(await r.json())
+    ops = {(op.ok().method.upper(), op.ok().path) for op in schema.get_all_operations()}
+    assert ("POST", "/v1/events") in ops and ("POST", "/v1/sql") in ops and len(ops) == 6
 
 
 # -- store -----------------------------------------------------------------------------------

@@ -490,3 +490,56 @@ def test_one_junk_value_in_a_valid_config(where, junk):
         config_from_dict(doc)
     except ValidationError as e:
         assert e.errors and all(x.message for x in e.errors)
+
+
+# --- TOML text: the example config, mutated line by line and byte by byte --------------------
+
+_TOML_VALUES = st.sampled_from([
+    '"x"', '""', "1", "-1", "0", "65536", "1e9", "nan", "inf", "0x1f", "true", "[]", "[1, 2]",
+    '["203.0.113.2:53"]', '["[2001:db8::53]:5353", "192.0.2.1"]', '["ns.example"]', "{}",
+    "{ a = 1 }", "1979-05-27", "07:32:00", "1979-05-27T07:32:00Z", '"[::1]:99999"', '"\\u0000"',
+    "'''\nmulti\n'''", '"/abs/path"', '"relative"', '"http://h:1"', '"REFUSED"', '"drop"',
+])
+
+
+@st.composite
+def mutated_example_config(draw) -> str:
+    lines = EXAMPLE_CONFIG.splitlines()
+    for _ in range(draw(st.integers(1, 6))):
+        i = draw(st.integers(0, len(lines) - 1))
+        op = draw(st.sampled_from(["delete", "duplicate", "uncomment", "value", "chars", "swap", "header"]))
+        if op == "delete":
+            del lines[i]
+        elif op == "duplicate":
+            lines.insert(i, lines[i])
+        elif op == "uncomment":
+            lines[i] = lines[i].lstrip("# ")
+        elif op == "value" and "=" in lines[i]:
+            lines[i] = lines[i].split("=", 1)[0] + "= " + draw(_TOML_VALUES)
+        elif op == "chars":
+            pos = draw(st.integers(0, len(lines[i])))
+            lines[i] = lines[i][:pos] + draw(st.text(st.sampled_from('[]{}="\'.,#\\ \tx1-:'), max_size=3)) + lines[i][pos + 1:]
+        elif op == "swap":
+            j = draw(st.integers(0, len(lines) - 1))
+            lines[i], lines[j] = lines[j], lines[i]
+        elif op == "header":
+            lines.insert(i, draw(st.sampled_from(["[dns]", "[api]", "[[workloads]]", "[[workspaces]]",
+                                                  "[dns.sub]", "[limits]", "[[dns]]", "[nope]"])))
+        if not lines:
+            lines = [""]
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=600, deadline=None)
+@given(mutated_example_config())
+def test_mutated_example_config_text_raises_only_validation_error(text):
+    """parse_config on TOML text near the shipped example: a Config, or a ValidationError whose
+    every error has a message and a key path (or none, for a TOML syntax error)."""
+    try:
+        cfg = parse_config(text, "egressd.toml")
+    except ValidationError as e:
+        assert e.errors and all(x.message for x in e.errors)
+        for x in e.errors:
+            assert x.path or x.message.startswith("egressd.toml: invalid TOML: "), x
+    else:
+        assert isinstance(cfg, Config) and cfg.dns.upstreams

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 import pytest
-from dnslib import AAAA, CNAME, DNSHeader, DNSRecord, EDNS0, QTYPE, RCODE, RD, RR, A
+from dnslib import AAAA, CNAME, DNSHeader, DNSQuestion, DNSRecord, EDNS0, QTYPE, RCODE, RD, RR, A
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -459,3 +460,118 @@ def test_module_is_pure() -> None:
         src = f.read()
     for mod in ("socket", "asyncio", "dnslib", "os", "egressd.shim"):
         assert f"import {mod}" not in src
+
+
+# --- differential: random well-formed answers, decoded by dnslib and by parse_answer --------
+
+_OWNERS = ["www.example.com", "WWW.Example.COM", "a.cdn.net", "b.cdn.net", "c.cdn.net", "other.org"]
+
+
+@st.composite
+def random_answer(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, str, str, int]]]:
+    """An answer to www.example.com/A with random A/AAAA/CNAME/TXT records (in any order)."""
+    records = []
+    for _ in range(draw(st.integers(0, 10))):
+        owner = draw(st.sampled_from(_OWNERS))
+        kind = draw(st.sampled_from(["A", "AAAA", "CNAME", "TXT"]))
+        ttl = draw(st.integers(0, 2**32 - 1))
+        if kind == "A":
+            value = str(draw(st.ip_addresses(v=4)))
+        elif kind == "AAAA":
+            value = str(draw(st.ip_addresses(v=6)))
+        elif kind == "CNAME":
+            value = draw(st.sampled_from(_OWNERS))
+        else:
+            value = "x"
+        records.append((owner, kind, value, ttl))
+    rrs = [RR(o, getattr(QTYPE, k), ttl=t,
+              rdata={"A": A, "AAAA": AAAA, "CNAME": CNAME}.get(k, lambda v: RD(b"\x01x"))(v))
+           for o, k, v, t in records]
+    # Built without DNSRecord.question(), which draws a random ID from the random module.
+    rec = DNSRecord(DNSHeader(id=0x1234, qr=1, ra=1), q=DNSQuestion("www.example.com", QTYPE.A), rr=rrs)
+    return rec.pack(), records
+
+
+def _expected(records: list[tuple[str, str, str, int]]) -> dict[str, int]:
+    """What parse_answer must find: A/AAAA of the CNAME chain from the qname (first CNAME of an
+    owner wins, loops stop it), the lowest TTL per address, TTLs with the high bit set as 0."""
+    cnames: dict[str, str] = {}
+    for owner, kind, value, _ in records:
+        if kind == "CNAME":
+            cnames.setdefault(owner.lower(), value.lower())
+    chain, name = {"www.example.com"}, "www.example.com"
+    while (target := cnames.get(name)) is not None and target not in chain:
+        chain.add(target)
+        name = target
+    out: dict[str, int] = {}
+    for owner, kind, value, ttl in records:
+        if kind in ("A", "AAAA") and owner.lower() in chain:
+            ttl = 0 if ttl & 0x80000000 else ttl
+            ip = str(ipaddress.ip_address(value))
+            out[ip] = min(ttl, out.get(ip, ttl))
+    return out
+
+
+@settings(max_examples=500, deadline=None)
+@given(random_answer())
+def test_parse_answer_agrees_with_dnslib_built_answers(built) -> None:
+    wire, records = built
+    info = parse_answer(wire, 0x1234, "www.example.com", 1)
+    assert dict(info.addresses) == _expected(records)
+    # dnslib reads the same message back: we are decoding a well-formed answer.
+    assert len(DNSRecord.parse(wire).rr) == len(records)
+
+
+# --- hostile answers: out-of-bailiwick records, giant answers --------------------------------
+
+
+def test_parse_answer_ignores_out_of_bailiwick_records_in_every_section() -> None:
+    """Only A/AAAA of the answer section's CNAME chain from the qname count: addresses for other
+    names in the answer section, and any address in the authority or additional section (even one
+    owned by the qname or a chain name), are never reported."""
+    rec = DNSRecord.question(WWW, "A").reply()
+    rec.header.id = 0x1234
+    rec.add_answer(cname(WWW, "edge.cdn.example"))
+    rec.add_answer(a("edge.cdn.example", "198.51.100.10"))
+    rec.add_answer(a("victim.example", "192.0.2.66"))  # unrelated owner, answer section
+    rec.add_answer(aaaa("example.com", "2001:db8::66"))  # the parent zone
+    rec.add_answer(a("evil.www.example.com", "192.0.2.67"))  # a child of the qname
+    rec.add_auth(RR("example.com", QTYPE.NS, rdata=CNAME("ns.evil.example")))
+    rec.add_auth(a("ns.evil.example", "192.0.2.68"))
+    rec.add_auth(a(WWW, "192.0.2.69"))  # the qname itself, but in the authority section
+    rec.add_ar(a("ns.evil.example", "192.0.2.70"))
+    rec.add_ar(a("edge.cdn.example", "192.0.2.71"))  # a chain name, but in the additional section
+    rec.add_ar(aaaa(WWW, "2001:db8::71"))
+    info = parse_answer(rec.pack(), 0x1234, WWW, 1)
+    assert info.addresses == (("198.51.100.10", 60),)
+
+
+def test_parse_answer_cname_outside_the_answer_section_is_not_followed() -> None:
+    rec = DNSRecord.question(WWW, "A").reply()
+    rec.header.id = 0x1234
+    rec.add_auth(cname(WWW, "evil.example"))
+    rec.add_ar(a("evil.example", "192.0.2.66"))
+    assert parse_answer(rec.pack(), 0x1234, WWW, 1).addresses == ()
+
+
+def test_parse_answer_keeps_answer_order_for_thousands_of_records() -> None:
+    """3,000 A records (a TCP-sized answer) come back in answer order, duplicates removed at their
+    first position: the engine's max_ips_per_name cap keeps the first N of them."""
+    import random
+
+    order = random.Random(11).sample(range(3000), 3000)
+    ips = [f"10.{200 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}" for i in order]
+    records = [a(WWW, ip, 300) for ip in ips] + [a(WWW, ips[0], 30)]
+    wire = answer(WWW, "A", *records)
+    assert len(wire) > 40_000
+    info = parse_answer(wire, 0x1234, WWW, 1)
+    assert [ip for ip, _ in info.addresses] == ips
+    assert info.addresses[0] == (ips[0], 30) and info.addresses[1] == (ips[1], 300)
+
+
+@pytest.mark.parametrize(("ttl", "expect"), [(0, 0), (2**31 - 1, 2**31 - 1), (2**31, 0), (2**32 - 1, 0)])
+def test_parse_answer_reports_extreme_ttls_as_sent(ttl: int, expect: int) -> None:
+    """TTL 0 and 2^31-1 are reported as sent (the IP cache clamps them); TTLs with the high bit
+    set read as 0 (RFC 2181 section 8)."""
+    info = parse_answer(answer(WWW, "A", a(WWW, "198.51.100.1", ttl)), 0x1234, WWW, 1)
+    assert info.addresses == (("198.51.100.1", expect),)

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egressd.core.policy import (
@@ -447,3 +447,59 @@ def test_spec_example_with_one_junk_leaf(data: st.DataObject) -> None:
             break
         node = child
     _parse_or_validation_error(obj)
+
+
+# -- the wire form: the SPEC example as JSON text, mutated byte by byte --------------------------
+
+@st.composite
+def mutated_spec_json(draw: st.DrawFn) -> str:
+    text = list(json.dumps(SPEC_EXAMPLE))
+    for _ in range(draw(st.integers(1, 8))):
+        pos = draw(st.integers(0, len(text)))
+        op = draw(st.sampled_from(["flip", "insert", "delete"]))
+        junk = draw(st.text(st.sampled_from('{}[]",:.*-_ 0129azAZ\\/é\x00'), min_size=1, max_size=3))
+        if op == "flip" and pos < len(text):
+            text[pos] = junk[0]
+        elif op == "insert":
+            text[pos:pos] = list(junk)
+        elif op == "delete":
+            del text[pos:pos + len(junk)]
+    return "".join(text)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(mutated_spec_json())
+def test_mutated_spec_json_raises_only_validation_error(text: str) -> None:
+    """What the API does with a body: json.loads, then parse_policy. Whatever decodes is either a
+    policy that round-trips, or a ValidationError whose every error names a path or the object."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return
+    try:
+        policy = parse_policy(obj)
+    except ValidationError as exc:
+        assert exc.errors and all(e.message for e in exc.errors)
+        return
+    assert parse_policy(json.loads(json.dumps(policy.to_dict()))) == policy
+
+
+_QUOTE_RECURSES = pytest.mark.xfail(
+    strict=True, raises=RecursionError,
+    reason="known bug: core/storage.quote() json.dumps()es the bad value for the message and "
+           "does not catch RecursionError; remove this mark once it does")
+
+
+@pytest.mark.parametrize("depth", [10, 500, pytest.param(1000, marks=_QUOTE_RECURSES),
+                                   pytest.param(100_000, marks=_QUOTE_RECURSES)])
+def test_deeply_nested_values_raise_only_validation_error(depth: int) -> None:
+    deep: list = []
+    for _ in range(depth):
+        deep = [deep]
+    for leaf in ("network_policy_id", "allowed_internet_destinations", "dry_run_mode_product_filter"):
+        obj = copy.deepcopy(SPEC_EXAMPLE)
+        na = obj["egress"]["network_access"]
+        target = obj if leaf == "network_policy_id" else na if leaf.startswith("allowed") else na["policy_enforcement"]
+        target[leaf] = deep
+        with pytest.raises(ValidationError):
+            parse_policy(obj)

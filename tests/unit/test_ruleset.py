@@ -92,3 +92,16 @@ def test_plan_refuses_unknown_policy_and_overlapping_sources(policies):
         build_plan(policies, {"1": "nope"}, [])
     with pytest.raises(ValidationError, match="overlap"):
         build_plan(policies, {}, [wl("a", "1", "APPS", "10.77.1.0/24"), wl("b", "2", "APPS", "10.77.1.2/32")])
+
+
+def test_antispoof_chain_drops_registered_sources_on_the_wrong_interface_before_conntrack(policies):
+    plan = build_plan(policies, {"1": "restricted-etl"}, [wl("a", "1", "APPS", "10.77.1.2/32", "2001:db8:77:1::2/128")])
+    text = render_table(plan, {}, 0.0, RenderOptions(1, 10053, "reject"))
+    chain = text.split("chain antispoof {")[1].split("}")[0]
+    # prerouting at raw (-300): after nf_defrag (-400), before conntrack (-200) and the DNS redirect (dstnat)
+    assert "type filter hook prerouting priority raw; policy accept;" in chain
+    assert "ip saddr @workload_src_v4 fib saddr . iif oif missing counter name antispoof_drops drop" in chain
+    assert "ip6 saddr @workload_src_v6 fib saddr . iif oif missing counter name antispoof_drops drop" in chain
+    assert "counter antispoof_drops {" in text
+    # only registered sources are checked: the rules match nothing else
+    assert all("saddr @workload_src_v" in line for line in chain.splitlines() if " drop" in line)

@@ -592,3 +592,72 @@ async def test_tcp_deep_pipeline(env: Env) -> None:
     answers = await tcp_ask(shim.bound_ports[0], wires, timeout=5)
     assert sorted(rec.header.id for rec in answers) == list(range(200))
     assert all(ips(rec) == ["192.0.2.1"] for rec in answers)
+
+
+class _Collect(asyncio.DatagramProtocol):
+    """Every answer a client socket gets, with its arrival time."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[float, DNSRecord]] = []
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.got.append((time.monotonic(), DNSRecord.parse(data)))
+
+
+def _drain(sock: socket.socket) -> int:
+    """How many datagrams are waiting on a (dead upstream) socket; reads them all."""
+    sock.setblocking(False)
+    n = 0
+    while True:
+        try:
+            sock.recv(4096)
+        except BlockingIOError:
+            return n
+        n += 1
+
+
+async def test_inflight_bound_holds_against_an_upstream_that_never_answers(env: Env) -> None:
+    """A burst of 500 queries to an upstream that never answers: exactly max_inflight upstream
+    queries are outstanding, the rest get SERVFAIL at once; the bound frees up after the timeout."""
+    dead = await dead_socket()
+    try:
+        limit, burst = 16, 500
+        shim = await env.shim([dead.getsockname()], max_inflight=limit, total_timeout=0.8, per_try_timeout=0.8)
+        loop = asyncio.get_running_loop()
+        transport, client = await loop.create_datagram_endpoint(
+            _Collect, remote_addr=(LOCAL, shim.bound_ports[0]))
+        try:
+            start = time.monotonic()
+            for i in range(burst):
+                transport.sendto(query(f"n{i}.example.com", qid=i))
+            await asyncio.sleep(0.4)  # well inside the 0.8 s upstream budget: no retries yet
+            assert shim.inflight == limit
+            assert _drain(dead) == limit  # upstream queries sent: never more than the bound
+            fast = [rec for t, rec in client.got]
+            assert len(fast) == burst - limit and shim.stats["overload"] == burst - limit
+            assert all(rec.header.rcode == RCODE.SERVFAIL for rec in fast)
+            assert max(t for t, _ in client.got) - start < 0.3  # at once, not after a timeout
+            assert sorted(rec.header.id for rec in fast) == list(range(limit, burst))
+            # After the budget the outstanding ones get SERVFAIL too, and the bound is free again.
+            await asyncio.sleep(0.8)
+            assert shim.inflight == 0 and len(client.got) == burst
+            for i in range(limit):
+                transport.sendto(query(f"again{i}.example.com", qid=1000 + i))
+            await asyncio.sleep(0.2)
+            assert shim.inflight == limit and shim.stats["overload"] == burst - limit
+            assert _drain(dead) == limit
+        finally:
+            transport.close()
+    finally:
+        dead.close()
+
+
+async def test_deny_with_another_ede_code(env: Env) -> None:
+    up = await env.upstream(answers_with("192.0.2.1"))
+    action = ShimAction("deny", rcode=RCODE.REFUSED, ede_text="egressd: rate limited", ede_code=0)
+    shim = await env.shim([up.addr], lambda c, q: action)
+    rec = await udp_ask(shim.bound_ports[0], query(edns=1232, qid=3))
+    assert rec is not None and rec.header.rcode == RCODE.REFUSED
+    options = [o for rr in rec.ar if rr.rtype == QTYPE.OPT for o in rr.rdata]
+    assert [(o.code, o.data) for o in options] == [(15, b"\x00\x00egressd: rate limited")]
+    assert up.udp_queries == []

@@ -89,10 +89,17 @@ def make_app(admin: Admin, *, status: Callable[[], dict], metrics: Callable[[], 
             if e.status == 404:
                 return error("RESOURCE_DOES_NOT_EXIST", f"no route {request.method} {request.path}")
             if e.status == 405:
-                return web.json_response({"error_code": "INVALID_PARAMETER_VALUE", "message": f"method {request.method} not allowed on {request.path}"}, status=405)
+                allow = ",".join(sorted(getattr(e, "allowed_methods", ()) or ()))
+                return web.json_response({"error_code": "INVALID_PARAMETER_VALUE", "message": f"method {request.method} not allowed on {request.path}"},
+                                         status=405, headers={"Allow": allow} if allow else None)
             raise
         except EgressdError as e:
             return error(e.error_code, str(e))
+        except RecursionError:  # json.loads or a validator on absurdly nested input
+            return error("INVALID_PARAMETER_VALUE", "the body is nested too deeply")
+        except OSError as e:  # the node's disk or a file failed: say which, keep serving
+            log.exception("api_os_error", path=request.path)
+            return error("INTERNAL_ERROR", f"system error: {e.strerror or e} (errno {e.errno})")
         except Exception as e:  # a bug: say so, keep serving
             log.exception("api_internal_error", path=request.path)
             return error("INTERNAL_ERROR", f"internal error: {type(e).__name__}")

@@ -3,7 +3,7 @@
     POST /v1/events  JSON array --validate all--> Store.insert (one transaction) --> 200 when durable
     GET  /v1/events  filters --> Store.query_events --> {"events": [...]} newest first
     POST /v1/sql     {"query"} --sqlguard.translate--> Store.run_sql (read-only) --> columns + rows
-    GET  /healthz, GET /metrics
+    GET  /healthz, GET /metrics, GET /v1/openapi.json (collector/openapi.py)
 
 Every error answer is ``{"error_code", "message"}``; status codes are chosen here only.
 """
@@ -24,7 +24,9 @@ from typing import Any, Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from egressd import __version__
 from egressd.collector import sqlguard
+from egressd.collector.openapi import openapi_document
 from egressd.collector.store import Store
 from egressd.core.events import (
     ACCESS_TYPES,
@@ -331,6 +333,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(__version__))
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS_KEY].render().encode("utf-8"),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
@@ -348,4 +354,5 @@ def make_app(store: Store, *, max_body: int = DEFAULT_MAX_BODY,
     app.router.add_post("/v1/sql", post_sql)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/v1/openapi.json", get_openapi)
     return app

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import FieldError, ValidationError
+from .addrfilter import MODES as SPECIAL_ADDRESS_MODES
 from .workloads import Workload, WorkspaceBinding, check_overlaps, parse_binding, parse_workload
 
 DEFAULT_CONFIG_PATH = "/etc/egressd/egressd.toml"
@@ -45,6 +46,10 @@ class DnsConfig:
     listen_port: int = 10053
     upstream_timeout_ms: int = 1800
     max_ips_per_name: int = 64
+    rate_limit_qps: int = 500  # per workload; 0 disables
+    rate_limit_burst: int = 1000  # per workload; 0 disables
+    max_inflight: int = 2048  # forwarded queries awaiting upstream; SERVFAIL beyond
+    special_addresses: str = "answer-closed"  # or "refuse": see core/addrfilter
 
     @property
     def deny_rcode_value(self) -> int:
@@ -286,6 +291,10 @@ _SECTIONS: dict[str, tuple[type, dict[str, Check]]] = {
         "listen_port": _int(1, 65535),
         "upstream_timeout_ms": _int(100, 2000),
         "max_ips_per_name": _int(1, 4096),
+        "rate_limit_qps": _int(0, 1_000_000),
+        "rate_limit_burst": _int(0, 1_000_000),
+        "max_inflight": _int(1, 1_000_000),
+        "special_addresses": _choice(SPECIAL_ADDRESS_MODES),
     }),
     "enforcement": (EnforcementConfig, {
         "deny_action": _choice(DENY_ACTIONS),
@@ -443,6 +452,22 @@ listen_port = 10053
 upstream_timeout_ms = 1800
 # At most this many addresses (A and AAAA) of one name go into the allow set (1..4096).
 max_ips_per_name = 64
+# DNS queries per second each workload may send (a token bucket of rate_limit_burst
+# queries that refills at rate_limit_qps). A query over the limit gets REFUSED at once, with
+# Extended DNS Error 0 "rate limited", no upstream query and no event; rejected queries are
+# counted per workspace (egressd_dns_rate_limited_total). 0 in either key disables the
+# limit. The node itself is never limited.
+rate_limit_qps = 500
+rate_limit_burst = 1000
+# At most this many forwarded queries wait on the upstreams at once (1..1000000); a query
+# beyond that gets SERVFAIL at once (egressd_dns_events_total{kind="overload"}).
+max_inflight = 2048
+# An allowed name whose answer holds a special address (loopback, link-local such as the
+# metadata service 169.254.169.254, multicast, unspecified, broadcast, or one of this node's
+# own addresses, IPv4-mapped forms included) never gets that address into the allow set
+# (egressd_dns_filtered_addresses_total). "answer-closed": the answer is still released,
+# the special addresses stay closed. "refuse": the whole answer becomes SERVFAIL.
+# special_addresses = "answer-closed"
 
 [enforcement]
 # A denied new flow is "reject"ed (ICMP admin-prohibited or TCP reset: the client fails at

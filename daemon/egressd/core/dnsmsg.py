@@ -27,6 +27,7 @@ TYPE_A, TYPE_CNAME, TYPE_AAAA, TYPE_OPT = 1, 5, 28, 41
 CLASS_IN = 1
 EDE_OPTION = 15  # RFC 8914 option code
 EDE_BLOCKED = 15  # RFC 8914 INFO-CODE "Blocked"
+EDE_OTHER = 0  # RFC 8914 INFO-CODE "Other" (the text says what)
 EDNS_UDP_SIZE = 1232  # what the shim advertises in the OPT records it writes
 
 _QR, _TC, _RD, _RA, _CD = 0x8000, 0x0200, 0x0100, 0x0080, 0x0010
@@ -221,14 +222,15 @@ def _response(q: Query, rcode: int, options: bytes = b"") -> bytes:
     return out
 
 
-def deny_response(q: Query, rcode: int, ede_text: str) -> bytes:
-    """Answer ``rcode`` with, when the query had EDNS, an Extended DNS Error 15 (Blocked)."""
+def deny_response(q: Query, rcode: int, ede_text: str, ede_code: int = EDE_BLOCKED) -> bytes:
+    """Answer ``rcode`` with, when the query had EDNS, an Extended DNS Error (15 Blocked unless
+    ``ede_code`` says otherwise)."""
     if not q.has_edns:
         return _response(q, rcode)
     # Keep the whole answer within 512 octets whatever the client's buffer size.
     budget = 512 - 12 - len(_question_of(q)) - _OPT_HDR.size - 6
     text = ede_text.encode("utf-8")[: max(budget, 0)].decode("utf-8", "ignore").encode("utf-8")
-    option = struct.pack("!HHH", EDE_OPTION, 2 + len(text), EDE_BLOCKED) + text
+    option = struct.pack("!HHH", EDE_OPTION, 2 + len(text), ede_code) + text
     return _response(q, rcode, option)
 
 

@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 
-pkgs=(nftables libnftables1 dnsmasq-base iproute2 dnsutils knot-dnsutils curl conntrack procps
+pkgs=(nftables libnftables1 dnsmasq-base iproute2 dnsutils knot-dnsutils curl conntrack procps iputils-ping
       python3 python3-venv python3-dev gcc)
 missing=()
 for p in "${pkgs[@]}"; do

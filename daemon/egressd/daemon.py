@@ -8,6 +8,7 @@ restricted while no daemon runs."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from .api.server import make_app, make_metrics_app, read_token, serve, socket_gr
 from .baked import Baked, load_baked
 from .engine import Engine
 from .errors import EgressdError
+from .httplog import server_logger
 from .libnft import Nft
 from .logs import setup as setup_logging
 from .core.denials import Origin
@@ -99,7 +101,8 @@ class Daemon:
         runner = await serve(app, socket_path=self.cfg.api.socket, socket_gid=gid, tcp=self.cfg.api.tcp_listen)
         runners = [runner]
         if self.cfg.api.metrics_listen:
-            mrunner = web.AppRunner(make_metrics_app(self.metrics), access_log=None, handle_signals=False)
+            mrunner = web.AppRunner(make_metrics_app(self.metrics), access_log=None, handle_signals=False,
+                                    logger=server_logger("egressd.metrics.http"))
             await mrunner.setup()
             await web.TCPSite(mrunner, *self.cfg.api.metrics_listen).start()
             runners.append(mrunner)
@@ -144,7 +147,8 @@ class Daemon:
 
     def status(self) -> dict:
         e = self.engine
-        last = self.admin.last_change or self.last_apply_wall
+        # The last ruleset swap: an API change, a SIGHUP reload or the start (whichever came last).
+        last = e.last_apply_wall or self.last_apply_wall
         shim = self.shim
         return {
             "version": __version__,
@@ -212,6 +216,10 @@ class Daemon:
         x.metric("egressd_log_suppressed_packets_total", "counter",
                  "New flows the kernel's per-source log rate limit kept out of the log.",
                  [({"workspace_id": ws}, n) for ws, n in sorted(e.suppressed_counts().items())])
+        x.one("egressd_dns_flood_drops_total", "counter",
+              "UDP queries dropped in the kernel in front of the shim: a source over 4x [dns] rate_limit_qps "
+              "(unanswered; a flood that fast would crowd other workloads out of the shim's socket).",
+              e.dns_flood_drops())
         x.one("egressd_antispoof_drops_total", "counter",
               "Packets dropped with a registered workload's source address on the wrong interface (spoofed; "
               "counted, never logged as events: the sender cannot be attributed).", e.antispoof_drops())
@@ -239,8 +247,26 @@ class Daemon:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
-            self.engine.expire()
-            self.notifier.notify(status=self._status_text())
+            try:
+                self.engine.expire()
+                await self._refresh_node_addresses()
+                self.notifier.notify(status=self._status_text())
+            except Exception:  # noqa: BLE001 - one bad round must not end housekeeping for good
+                log.exception("housekeeping_failed")
+
+    async def _refresh_node_addresses(self) -> None:
+        """The node's own addresses change (DHCP, new interfaces): answers holding any of them are
+        never programmed, so the list follows the node within EXPIRE_INTERVAL. (pyroute2's
+        synchronous IPRoute runs an event loop of its own: it is called from a worker thread.)"""
+        try:
+            addrs = {ipaddress.ip_address(a) for a in await asyncio.to_thread(node_addresses)}
+        except Exception as exc:  # noqa: BLE001 - housekeeping must go on whatever netlink says
+            log.warning("node_addresses_unreadable", error=str(exc))
+            return
+        if addrs != self.engine.node_addresses:
+            log.info("node_addresses_changed", added=sorted(map(str, addrs - self.engine.node_addresses)),
+                     removed=sorted(map(str, self.engine.node_addresses - addrs)))
+            self.engine.node_addresses = addrs
 
     async def _watchdog(self, interval: float) -> None:
         while True:

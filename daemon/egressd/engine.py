@@ -35,6 +35,15 @@ from .shim import ShimAction
 
 log = structlog.get_logger("egressd.engine")
 
+
+def kernel_dns_budget(qps: int | float, burst: int | float) -> tuple[int, int]:
+    """The kernel's per-source UDP budget in front of the shim: 4x the shim's per-workload query
+    limit (burst 2x), so the shim's REFUSED answers are what a workload a little over its limit
+    sees, and only a flood the shim could not absorb is dropped unanswered. (0, 0): no limit."""
+    if qps <= 0 or burst < 1:
+        return 0, 0
+    return int(4 * qps), int(2 * burst)
+
 _PROBE_PRODUCT = "GENERAL_COMPUTE"
 
 
@@ -74,6 +83,7 @@ class Engine:
         self.plan: Plan | None = None
         self.generation = 0
         self.last_apply_ms = 0.0
+        self.last_apply_wall: float | None = None  # time.time() of the last ruleset swap
         self.counters = {"programmed_ips": 0, "program_errors": 0}
         # The per-workload DNS query rate limit (buckets by workload id) and its rejections by workspace.
         self.dns_limit = TokenBuckets(cfg.dns.rate_limit_qps, cfg.dns.rate_limit_burst)
@@ -147,6 +157,7 @@ class Engine:
                 self.cfg.enforcement.deny_action,
                 self.cfg.enforcement.nflog_group,
                 self.cfg.enforcement.log_rate,
+                *kernel_dns_budget(self.cfg.dns.rate_limit_qps, self.cfg.dns.rate_limit_burst),
             ),
         )
         self.nft.run(replace_table(text))
@@ -154,6 +165,7 @@ class Engine:
         self.state, self.plan, self.cache, self.generation = state, plan, cache, gen
         self._prune_compiled(state)
         self.last_apply_ms = (time.perf_counter() - t0) * 1000
+        self.last_apply_wall = time.time()
         log.info(
             "ruleset_applied",
             reason=reason,
@@ -186,6 +198,14 @@ class Engine:
             if c and c.get("name", "").startswith("ws_") and c["name"].endswith("_suppressed"):
                 out[c["name"][3:-11]] = int(c.get("packets", 0))
         return out
+
+    def dns_flood_drops(self) -> int:
+        """UDP queries the kernel dropped in front of the shim (a source over its packet budget)."""
+        for o in self.nft.list_json("counter inet egressd dns_flood_drops"):
+            c = o.get("counter")
+            if c:
+                return int(c.get("packets", 0))
+        return 0
 
     def antispoof_drops(self) -> int:
         """Packets the anti-spoofing chain dropped: a registered workload's source address on an

@@ -16,6 +16,8 @@ class Notifier:
         self.watchdog_interval: float | None = None
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 1e6 / 2
+        self.sent = 0
+        self.dropped = 0
 
     @property
     def enabled(self) -> bool:
@@ -25,8 +27,12 @@ class Notifier:
         if not self._addr:
             return
         msg = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        # Non-blocking: a manager that does not drain its socket (a full receive queue) must never
+        # stall the event loop; a lost STATUS or WATCHDOG datagram is the manager's problem, and a
+        # stalled loop would be ours (no DNS answers).
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
             try:
                 s.sendto(msg, self._addr)
+                self.sent += 1
             except OSError:
-                pass  # the manager went away: nothing to tell
+                self.dropped += 1  # the manager went away or its queue is full: nothing to tell

@@ -374,6 +374,20 @@ def test_dns_over_tls_rejection_is_logged(env):
     assert r["ip_event"]["source_ip"] == env.w1.ipv4
 
 
+def test_dns_over_quic_udp_853_to_an_allowed_ip_is_rejected_and_logged(env):
+    # DoQ (RFC 9250) runs on UDP 853: closed like DoT, even to an allowed IP; other UDP ports to
+    # the same IP stay open (control), so it is the port that is refused.
+    assert env.lab.dig(env.w1, "pypi.org").status == "NOERROR"
+    dst = "198.51.100.10"
+    assert env.lab.run(env.w1.netns, [sys.executable, "-c", UDP_ECHO, dst, "7"]).stdout.strip() == "ping"
+    out = env.lab.run(env.w1.netns, [sys.executable, "-c", UDP_ECHO, dst, "853"]).stdout
+    assert out.startswith("error"), out
+    assert env.lab.run(env.w3.netns, [sys.executable, "-c", UDP_ECHO, dst, "853"]).stdout.strip() == "ping", \
+        "control: the lab echoes UDP 853 for an unrestricted workload"
+    r = wait_event(env, dst, 853, "udp")
+    assert r["ip_event"]["source_ip"] == env.w1.ipv4
+
+
 # --------------------------------------------------------------------------- fragments
 
 def _frag_code(family: int, src: str, dst: str, dport: int) -> str:

@@ -73,14 +73,19 @@ def test_sighup_applies_good_files_and_refuses_bad_ones(lab):
     d.start()
     pol = config.parent / "policies.d" / "restricted-etl.json"
     w1 = lab.workloads[0]
+    sock = str(config.parent / "api.sock")
     try:
         g0 = generation(lab)
+        t0 = call(sock, "GET", "/api/2.0/status")[1]["last_apply_time"]
+        time.sleep(0.05)
         doc = world.policy("restricted-etl")
         doc["egress"]["network_access"]["allowed_internet_destinations"].append({"destination": "evil.example"})
         pol.write_text(json.dumps(doc))
         d.signal(signal.SIGHUP)
         assert d.wait_message("RELOADING=1", 5) and d.wait_message("READY=1", 5)
         assert generation(lab) == g0 + 1
+        st = call(sock, "GET", "/api/2.0/status")[1]
+        assert st["generation"] == g0 + 1 and st["last_apply_time"] > t0, (t0, st["last_apply_time"])
         assert lab.dig(w1, "evil.example").status == "NOERROR"
         before = rules_only(lab)
         pol.write_text('{"network_policy_id": "restricted-etl", "egress": {"network_access": {"restriction_mode": "NOPE"}}}')

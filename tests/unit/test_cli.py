@@ -83,3 +83,11 @@ def test_default_policy_file_in_dir_or_absolute(tmp_path):
     (tmp_path / "policies.d" / "default-policy.json").unlink()
     r = check(cfg)
     assert r.returncode == 2 and "must hold 'default-policy'" in r.stderr
+
+
+def test_all_three_commands_print_their_version():
+    from egressd import __version__
+
+    for mod, name in (("egressd.cli", "egressd"), ("egressd.ctl", "egressctl"), ("egressd.collector.cli", "egress-collector")):
+        r = subprocess.run([sys.executable, "-m", mod, "--version"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == f"{name} {__version__}", (mod, r.stdout, r.stderr)

@@ -194,6 +194,7 @@ async def test_unknown_route_and_method(client):
     r = await client.delete("/v1/events")
     assert r.status == 405
     assert set(await r.json()) == {"error_code", "message"}
+    assert {m.strip() for m in r.headers["Allow"].split(",")} >= {"GET", "POST"}
 
 
 # -- GET /v1/events --------------------------------------------------------------------------

@@ -543,3 +543,11 @@ def test_mutated_example_config_text_raises_only_validation_error(text):
             assert x.path or x.message.startswith("egressd.toml: invalid TOML: "), x
     else:
         assert isinstance(cfg, Config) and cfg.dns.upstreams
+
+
+@pytest.mark.parametrize("depth", [10, 1000, 100_000])
+def test_deeply_nested_toml_is_a_validation_error(depth: int) -> None:
+    text = 'account_id = "n"\n[dns]\nupstreams = ["203.0.113.2"]\n[api]\nx = ' + "[" * depth + "]" * depth + "\n"
+    with pytest.raises(ValidationError) as ei:
+        parse_config(text, "egressd.toml")
+    assert ei.value.errors and all(e.message for e in ei.value.errors)

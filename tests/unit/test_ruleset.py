@@ -105,3 +105,22 @@ def test_antispoof_chain_drops_registered_sources_on_the_wrong_interface_before_
     assert "counter antispoof_drops {" in text
     # only registered sources are checked: the rules match nothing else
     assert all("saddr @workload_src_v" in line for line in chain.splitlines() if " drop" in line)
+
+
+def test_kernel_dns_budget_sits_in_front_of_the_shim_only_when_the_limit_is_on(policies):
+    from egressd.engine import kernel_dns_budget
+
+    assert kernel_dns_budget(500, 1000) == (2000, 2000)
+    assert kernel_dns_budget(0, 1000) == (0, 0)
+    plan = build_plan(policies, {"1": "restricted-etl"}, [wl("a", "1", "APPS", "10.77.1.2/32")])
+    on = render_table(plan, {}, 0.0, RenderOptions(1, 10053, "reject", dns_flood_rate=2000, dns_flood_burst=3000))
+    guard = on.split("chain shim_guard {")[1].split("\n\t}")[0].splitlines()
+    rules = [ln.strip() for ln in guard if ln.strip() and not ln.strip().startswith("type ")]
+    # lo first, then the per-source budget, then the redirected queries that remain, then the rest dropped
+    assert rules[0].endswith('iif "lo" accept')
+    assert rules[1] == ("udp dport 10053 ct status dnat update @dns_rate_v4 { ip saddr limit rate over "
+                        "2000/second burst 3000 packets } counter name dns_flood_drops drop")
+    assert rules[2].startswith("udp dport 10053 ct status dnat update @dns_rate_v6 { ip6 saddr limit rate over 2000/second")
+    assert rules[3].endswith("ct status dnat accept") and rules[4].endswith("counter drop")
+    off = render_table(plan, {}, 0.0, RenderOptions(1, 10053, "reject"))
+    assert "update @dns_rate_v4" not in off and "counter dns_flood_drops {" in off  # the counter always exists

@@ -19,6 +19,8 @@ from ..admin import Admin
 from ..errors import EgressdError, PermissionDenied, ValidationError
 from .openapi import openapi_document
 
+from ..httplog import server_logger
+
 log = structlog.get_logger("egressd.api")
 
 MAX_BODY = 32 * 2**20
@@ -240,7 +242,7 @@ def read_token(path: str | Path) -> str:
 
 async def serve(app: web.Application, *, socket_path: str, socket_gid: int | None,
                 tcp: tuple[str, int] | None) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=server_logger("egressd.api.http"))
     await runner.setup()
     path = Path(socket_path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -250,7 +252,16 @@ async def serve(app: web.Application, *, socket_path: str, socket_gid: int | Non
         await web.UnixSite(runner, str(path)).start()
     finally:
         os.umask(old)
-    os.chown(path, 0, socket_gid if socket_gid is not None else 0)
+    gid = socket_gid if socket_gid is not None else 0
+    try:
+        os.chown(path, -1, gid)  # the owner stays ours (root): changing it would need CAP_CHOWN
+    except PermissionError:
+        await runner.cleanup()
+        path.unlink(missing_ok=True)
+        raise EgressdError(
+            f"cannot give the API socket {path} to group id {gid}: the daemon is neither in that group "
+            "nor has CAP_CHOWN. Under systemd add the group to SupplementaryGroups= (a drop-in: "
+            "systemctl edit egressd), or set [api] socket_group to a group the daemon is in.") from None
     os.chmod(path, 0o660)
     if tcp is not None:
         await web.TCPSite(runner, tcp[0], tcp[1]).start()

@@ -224,6 +224,9 @@ async def _errors(request: web.Request,
         response = _error(exc.status, _HTTP_CODES.get(exc.status, "INVALID_PARAMETER_VALUE"
                                                       if exc.status < 500 else "INTERNAL_ERROR"),
                           message)
+        allowed = getattr(exc, "allowed_methods", None) if exc.status == 405 else None
+        if allowed:  # RFC 9110: a 405 names the methods the resource has
+            response.headers["Allow"] = ", ".join(sorted(allowed))
     except EgressdError as exc:
         log.error("collector.request_failed", path=request.path, error=str(exc))
         response = _error(500, exc.error_code, str(exc))

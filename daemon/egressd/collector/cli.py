@@ -16,8 +16,10 @@ from typing import Sequence
 import structlog
 from aiohttp import web
 
+from egressd import __version__
 from egressd.collector.app import DEFAULT_MAX_BODY, DEFAULT_MAX_SQL_ROWS, make_app
 from egressd.collector.store import Store, StoreError
+from egressd.httplog import server_logger
 
 DEFAULT_LISTEN = "127.0.0.1:9180"
 DEFAULT_DB = "/var/lib/egressd/outbound_network.duckdb"
@@ -65,6 +67,7 @@ def configure_logging(level: str, *, json_output: bool | None = None) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="egress-collector",
                                 description="Store egressd denial events and answer queries.")
+    p.add_argument("--version", action="version", version=f"egress-collector {__version__}")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"address to serve HTTP on (default {DEFAULT_LISTEN})")
     p.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
@@ -115,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(store: Store, host: str, port: int, args: argparse.Namespace) -> int:
     app = make_app(store, max_body=args.max_body, max_sql_rows=args.max_sql_rows)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10,
+                            logger=server_logger("egressd.collector.http"))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -422,7 +422,13 @@ def parse_config(text: str, path_hint: str = "") -> Config:
     except tomllib.TOMLDecodeError as e:
         where = f"{path_hint}: " if path_hint else ""
         raise ValidationError(FieldError("", f"{where}invalid TOML: {e}")) from None
-    return config_from_dict(doc)
+    except RecursionError:  # tomllib recurses per nesting level of arrays and inline tables
+        where = f"{path_hint}: " if path_hint else ""
+        raise ValidationError(FieldError("", f"{where}invalid TOML: nested too deeply")) from None
+    try:
+        return config_from_dict(doc)
+    except RecursionError:
+        raise ValidationError(FieldError("", "a value is nested too deeply")) from None
 
 
 EXAMPLE_CONFIG = """\
@@ -455,8 +461,10 @@ max_ips_per_name = 64
 # DNS queries per second each workload may send (a token bucket of rate_limit_burst
 # queries that refills at rate_limit_qps). A query over the limit gets REFUSED at once, with
 # Extended DNS Error 0 "rate limited", no upstream query and no event; rejected queries are
-# counted per workspace (egressd_dns_rate_limited_total). 0 in either key disables the
-# limit. The node itself is never limited.
+# counted per workspace (egressd_dns_rate_limited_total). Beyond 4x rate_limit_qps (burst
+# 2x rate_limit_burst) the kernel drops a source's UDP queries before they reach the shim
+# (egressd_dns_flood_drops_total). 0 in either key disables both. The node itself is never
+# limited.
 rate_limit_qps = 500
 rate_limit_burst = 1000
 # At most this many forwarded queries wait on the upstreams at once (1..1000000); a query

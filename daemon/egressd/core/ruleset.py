@@ -30,6 +30,9 @@ class RenderOptions:
     deny_action: str  # "reject" | "drop"
     nflog_group: int = 1053
     log_rate: int = 50
+    # Kernel per-source budget of UDP queries to the shim (packets/s, burst); 0 = none.
+    dns_flood_rate: int = 0
+    dns_flood_burst: int = 0
 
 
 def _elements(items: list[str]) -> str:
@@ -142,6 +145,19 @@ def render_table(plan: Plan, dyn: Mapping[str, list[Entry]], now: float, opts: R
         deny_action=opts.deny_action,
         deny_rules=deny,
         dns_port=opts.dns_port,
+        dns_flood_rate=opts.dns_flood_rate,
+        dns_flood_rules=_dns_flood_rules(opts),
+    )
+
+
+def _dns_flood_rules(opts: RenderOptions) -> str:
+    if opts.dns_flood_rate <= 0:
+        return ""
+    limit = f"limit rate over {opts.dns_flood_rate}/second burst {max(opts.dns_flood_burst, 1)} packets"
+    return "\n".join(
+        f"{_INDENT}udp dport {opts.dns_port} ct status dnat update @dns_rate_{v} {{ {ip} saddr {limit} }} "
+        f"counter name dns_flood_drops drop"
+        for v, ip in (("v4", "ip"), ("v6", "ip6"))
     )
 
 

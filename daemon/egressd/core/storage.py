@@ -265,9 +265,12 @@ def json_type(value: Any) -> str:
 def quote(value: Any, limit: int = 80) -> str:
     """A value as JSON text for an error message, shortened when long."""
     try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            text = repr(value)
+    except RecursionError:
+        return f"(a {type(value).__name__} nested too deeply to show)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

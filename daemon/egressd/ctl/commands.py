@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TextIO
 
+from .. import __version__
 from . import render
 from .client import DEFAULT_COLLECTOR, DEFAULT_SOCKET, CollectorClient, DaemonClient, Unreachable
 
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="egressctl", description="Admin and operator CLI of egressd and egress-collector.",
         epilog="Exit codes: 0 success, 1 the server refused (its error is printed), "
                "2 usage or connection error.")
+    p.add_argument("--version", action="version", version=f"egressctl {__version__}")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--socket", metavar="PATH",
                         help=f"daemon API unix socket (default {DEFAULT_SOCKET})")

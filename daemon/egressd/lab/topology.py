@@ -12,7 +12,7 @@ Layout (``p`` is a unique prefix such as ``egl3fa9c1``)::
                                      AnyIP: 192.0.2.0/24 198.51.100.0/24 203.0.113.0/24
                                             10.200.0.0/16 2001:db8:ff::/48 are all local
                                      dnsmasq on 203.0.113.2 / 2001:db8:ff::53 port 53
-                                     web: TCP 80 + 853 (HTTP), UDP 7 (echo) on every address
+                                     web: TCP 80 + 853 (HTTP), UDP 7 + 853 (echo) on every address
 
 Every workload (and the node and inet namespaces) gets ``/etc/netns/{ns}/resolv.conf``
 pointing at 203.0.113.2, so glibc tools run through ``ip netns exec`` (getent, curl)
@@ -65,7 +65,7 @@ WORKLOAD_NET_V6 = "2001:db8:77::/48"
 ANYIP_V4 = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "10.200.0.0/16")
 ANYIP_V6 = ("2001:db8:ff::/48",)
 WEB_TCP_PORTS = (80, 853)
-WEB_UDP_PORTS = (7,)
+WEB_UDP_PORTS = (7, 853)
 
 NODE_UPLINK_IF = "uplink"
 INET_IF = "eth0"

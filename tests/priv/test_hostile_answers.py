@@ -323,6 +323,26 @@ def test_refuse_mode_turns_the_whole_answer_into_servfail(henv, refusing):
     assert _ip("198.51.100.67") in henv.programmed()
 
 
+def test_a_node_address_added_while_running_is_never_programmed(henv):
+    """The daemon re-reads the node's addresses every 10 s: an address the node gains while
+    egressd runs (DHCP, a new interface) is kept out of the allow sets from then on."""
+    name = f"new-node-address.{hd.DOMAIN}"
+    henv.lab.run(henv.lab.node_ns, ["ip", "addr", "add", "198.51.100.68/32", "dev", "lo"], check=True)
+    try:
+        deadline = time.monotonic() + 25
+        while not any("198.51.100.68" in e.get("added", []) for e in henv.log_events("node_addresses_changed")):
+            assert time.monotonic() < deadline, "the daemon never saw the new address"
+            time.sleep(0.25)
+        before = henv.metrics()
+        r = henv.lab.dig(henv.w1, name)
+        assert r.status == "NOERROR" and sorted(r.addresses) == ["198.51.100.68", "198.51.100.69"], r.output
+        programmed = henv.programmed()
+        assert _ip("198.51.100.69") in programmed and _ip("198.51.100.68") not in programmed
+        assert _delta(before, henv.metrics()) == {"node-address": 1}
+    finally:
+        henv.lab.run(henv.lab.node_ns, ["ip", "addr", "del", "198.51.100.68/32", "dev", "lo"])
+
+
 def test_no_special_address_was_ever_programmed(henv):
     """After everything above: every element of the workspace's sets is an ordinary address."""
     bad = {a for a in henv.programmed() if classify(a, NODE) is not None}

@@ -95,6 +95,8 @@ ZONE: dict[str, Reply] = {
     _n("node"): Reply(
         answer=_a(_n("node"), "10.99.0.1", "10.77.1.1", "198.51.100.62"),
         aaaa=_aaaa(_n("node"), "2001:db8:99::1", "::ffff:10.99.0.1")),
+    # 198.51.100.68 becomes a node address while the daemon runs (test_hostile_answers adds it).
+    _n("new-node-address"): Reply(answer=_a(_n("new-node-address"), "198.51.100.68", "198.51.100.69")),
     # Private endpoints are real: allowed.
     _n("private"): Reply(
         answer=_a(_n("private"), "10.5.5.5", "172.16.5.5", "192.168.5.5", "100.64.5.5"),

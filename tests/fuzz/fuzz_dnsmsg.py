@@ -8,8 +8,8 @@ message that parses as a query can always be answered.
 
 from __future__ import annotations
 
-import sys
 
+import _harness  # tests/fuzz/_harness.py (the script's directory is on sys.path)
 import atheris
 
 with atheris.instrument_imports(include=["egressd"]):
@@ -47,10 +47,5 @@ def test_one_input(data: bytes) -> None:
         truncate_for_udp(data, q)
 
 
-def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    _harness.main(test_one_input)

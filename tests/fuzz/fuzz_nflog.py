@@ -8,8 +8,8 @@ Contract (core/nflog.py): parse_messages never raises; what it cannot decode is 
 
 from __future__ import annotations
 
-import sys
 
+import _harness  # tests/fuzz/_harness.py (the script's directory is on sys.path)
 import atheris
 
 with atheris.instrument_imports(include=["egressd"]):
@@ -21,10 +21,5 @@ def test_one_input(data: bytes) -> None:
     assert parsed.garbled >= 0
 
 
-def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    _harness.main(test_one_input)

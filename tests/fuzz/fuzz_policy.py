@@ -9,8 +9,8 @@ nothing else. Bytes that are not JSON are not its business (the API refuses them
 from __future__ import annotations
 
 import json
-import sys
 
+import _harness  # tests/fuzz/_harness.py (the script's directory is on sys.path)
 import atheris
 
 with atheris.instrument_imports(include=["egressd"]):
@@ -29,10 +29,5 @@ def test_one_input(data: bytes) -> None:
         assert exc.errors
 
 
-def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    _harness.main(test_one_input)

@@ -8,8 +8,8 @@ query is refused or cannot be read.
 
 from __future__ import annotations
 
-import sys
 
+import _harness  # tests/fuzz/_harness.py (the script's directory is on sys.path)
 import atheris
 
 with atheris.instrument_imports(include=["egressd", "sqlglot"]):
@@ -18,20 +18,12 @@ with atheris.instrument_imports(include=["egressd", "sqlglot"]):
 
 
 def test_one_input(data: bytes) -> None:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
+    text = _harness.text(data)
     try:
         translate(text, 10)
     except ValidationError:
         pass
 
 
-def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    _harness.main(test_one_input)

@@ -210,19 +210,21 @@ class Daemon:
         x.one("egressd_workloads", "gauge", "Registered workloads.", len(e.plan.workloads) if e.plan else 0)
         x.metric("egressd_denial_events_total", "counter", "Denial events built, by kind (folded: bursts folded into one).",
                  [({"kind": k}, v) for k, v in sorted(self.reporter.counts.items())])
+        kc = e.kernel_counters()
         nf = self.nflog.stats() if self.nflog else {}
         x.metric("egressd_nflog_messages_total", "counter", "Packet-log messages from the kernel, by outcome.",
                  [({"outcome": k}, v) for k, v in sorted(nf.items())])
         x.metric("egressd_log_suppressed_packets_total", "counter",
                  "New flows the kernel's per-source log rate limit kept out of the log.",
-                 [({"workspace_id": ws}, n) for ws, n in sorted(e.suppressed_counts().items())])
+                 [({"workspace_id": name[3:-11]}, n) for name, n in sorted(kc.items())
+                  if name.startswith("ws_") and name.endswith("_suppressed")])
         x.one("egressd_dns_flood_drops_total", "counter",
               "UDP queries dropped in the kernel in front of the shim: a source over 4x [dns] rate_limit_qps "
               "(unanswered; a flood that fast would crowd other workloads out of the shim's socket).",
-              e.dns_flood_drops())
+              kc.get("dns_flood_drops", 0))
         x.one("egressd_antispoof_drops_total", "counter",
               "Packets dropped with a registered workload's source address on the wrong interface (spoofed; "
-              "counted, never logged as events: the sender cannot be attributed).", e.antispoof_drops())
+              "counted, never logged as events: the sender cannot be attributed).", kc.get("antispoof_drops", 0))
         sh = self.shipper.stats()
         x.one("egressd_spool_events", "gauge", "Events waiting in the on-disk spool.", sh["spool_events"])
         x.one("egressd_collector_backlog_events", "gauge", "Events not yet delivered to the collector.", sh["backlog"])

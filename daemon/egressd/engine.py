@@ -190,31 +190,15 @@ class Engine:
                     cache.adopt(ws, e.ip, e.name, e.expires)
         return cache
 
-    def suppressed_counts(self) -> dict[str, int]:
-        """Packets per workspace that the kernel's log rate limit kept out of the packet log."""
+    def kernel_counters(self) -> dict[str, int]:
+        """Packets of every named counter of the table, from one listing (empty while no table is
+        loaded): ws_<id>_suppressed (the log rate limit), dns_flood_drops, antispoof_drops."""
         out: dict[str, int] = {}
         for o in self.nft.list_json("counters table inet egressd"):
             c = o.get("counter")
-            if c and c.get("name", "").startswith("ws_") and c["name"].endswith("_suppressed"):
-                out[c["name"][3:-11]] = int(c.get("packets", 0))
+            if c and "name" in c:
+                out[c["name"]] = int(c.get("packets", 0))
         return out
-
-    def dns_flood_drops(self) -> int:
-        """UDP queries the kernel dropped in front of the shim (a source over its packet budget)."""
-        for o in self.nft.list_json("counter inet egressd dns_flood_drops"):
-            c = o.get("counter")
-            if c:
-                return int(c.get("packets", 0))
-        return 0
-
-    def antispoof_drops(self) -> int:
-        """Packets the anti-spoofing chain dropped: a registered workload's source address on an
-        interface the node does not route it to. 0 while no table is loaded."""
-        for o in self.nft.list_json("counter inet egressd antispoof_drops"):
-            c = o.get("counter")
-            if c:
-                return int(c.get("packets", 0))
-        return 0
 
     def uninstall(self) -> None:
         self.nft.run(delete_table())

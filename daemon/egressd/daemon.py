@@ -18,7 +18,6 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
-from pyroute2 import IPRoute
 
 from . import __version__
 from .admin import Admin
@@ -29,6 +28,7 @@ from .errors import EgressdError
 from .httplog import server_logger
 from .libnft import Nft
 from .logs import setup as setup_logging
+from .netaddr import node_addresses
 from .core.denials import Origin
 from .metrics import Exposition
 from .nflogsock import NflogReader
@@ -41,11 +41,6 @@ from .statestore import StateStore
 log = structlog.get_logger("egressd.daemon")
 
 EXPIRE_INTERVAL = 10.0
-
-
-def node_addresses() -> list[str]:
-    with IPRoute() as ipr:
-        return [str(a.get("address")) for a in ipr.get_addr() if a.get("address")]
 
 
 class Daemon:
@@ -258,8 +253,8 @@ class Daemon:
 
     async def _refresh_node_addresses(self) -> None:
         """The node's own addresses change (DHCP, new interfaces): answers holding any of them are
-        never programmed, so the list follows the node within EXPIRE_INTERVAL. (pyroute2's
-        synchronous IPRoute runs an event loop of its own: it is called from a worker thread.)"""
+        never programmed, so the list follows the node within EXPIRE_INTERVAL. (One blocking
+        netlink dump: it is called from a worker thread.)"""
         try:
             addrs = {ipaddress.ip_address(a) for a in await asyncio.to_thread(node_addresses)}
         except Exception as exc:  # noqa: BLE001 - housekeeping must go on whatever netlink says

@@ -14,6 +14,7 @@ from importlib import resources
 from string import Template
 
 from .ipcache import Entry
+from .nfmsg import comment_text
 from .plan import ACCEPT, Plan, WorkspacePlan
 
 TABLE = "inet egressd"
@@ -43,8 +44,7 @@ def _elements(items: list[str]) -> str:
 
 def _quote(text: str) -> str:
     # Element comments hold DNS names ([a-z0-9._-]); anything else is dropped, never escaped.
-    safe = "".join(c for c in text if c.isalnum() or c in "._-*")[:120]
-    return f'"{safe}"'
+    return f'"{comment_text(text)}"'
 
 
 def dyn_element(ip: str, timeout_s: int, name: str, expires_s: float | None = None) -> str:

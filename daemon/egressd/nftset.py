@@ -1,0 +1,96 @@
+"""Adding timeout-set elements over one raw NETLINK_NETFILTER socket (no libnftables on the DNS path).
+
+The kernel runs an nfnetlink batch inside sendmsg(), so its ACKs are queued when send returns: the
+writer sends one batch and reads the ACKs back at once (a receive timeout guards against a kernel
+that stays silent). The socket belongs to the network namespace it was opened in: open the writer
+in the namespace whose ruleset it must change."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from collections.abc import Iterable, Mapping
+
+from .core.nfmsg import Element, add_batch, parse_acks
+from .errors import ApplyError
+
+TABLE = "egressd"  # of family inet
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10  # error ACKs carry the request's header only, not the whole request
+_BUF = 4 * 1024 * 1024
+_RECV = 256 * 1024
+
+
+class NftSetError(ApplyError):
+    """A batch the kernel refused (nothing of it applied). errno and set name of the first error."""
+
+    def __init__(self, set_name: str, err: int) -> None:
+        self.set_name = set_name
+        self.errno = err
+        super().__init__(f"adding elements to set inet {TABLE} {set_name}: "
+                         f"{errno.errorcode.get(err, err)} ({os.strerror(err)})")
+
+
+class NftSetWriter:
+    def __init__(self, *, timeout: float = 2.0) -> None:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        try:
+            s.bind((0, 0))
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                s.setsockopt(socket.SOL_SOCKET, opt, _BUF)
+            try:
+                s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            except OSError:
+                pass
+            s.settimeout(timeout)
+        except BaseException:
+            s.close()
+            raise
+        self._sock = s
+        self._seq = int.from_bytes(os.urandom(2), "little") << 8
+        self._dirty = False  # replies of a timed-out batch may still arrive
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def add(self, sets: Mapping[str, Iterable[Element]]) -> int:
+        """Add elements (resetting their timeouts) to sets of table inet egressd as one transaction.
+        Returns the number of messages sent; raises NftSetError naming the set and errno, after
+        which nothing of the batch applied."""
+        batch = add_batch(TABLE, sets, self._seq)
+        self._seq = batch.next_seq & 0xFFFFFFFF
+        if batch.next_seq > 0xFFFFFF00:
+            self._seq = 1
+        if not batch.acks:
+            return 0
+        if self._dirty:
+            self._drain()
+        self._sock.sendall(batch.data)
+        pending = set(batch.acks)
+        first: tuple[str, int] | None = None
+        while pending:
+            try:
+                data = self._sock.recv(_RECV)
+            except TimeoutError as e:
+                self._dirty = True
+                raise NftSetError(next(iter(batch.acks.values())), errno.ETIMEDOUT) from e
+            for seq, err in parse_acks(data):
+                if seq == batch.begin_seq and err:
+                    # The batch as a whole was refused (EPERM, no nf_tables...): no more ACKs come.
+                    raise NftSetError(next(iter(batch.acks.values())), err)
+                if seq in pending:
+                    pending.discard(seq)
+                    if err and first is None:
+                        first = (batch.acks[seq], err)
+        if first is not None:
+            raise NftSetError(*first)
+        return len(batch.acks)
+
+    def _drain(self) -> None:
+        """Drop stale replies (of a batch given up on after a timeout) before a new one."""
+        while select.select([self._sock], [], [], 0)[0]:
+            self._sock.recv(_RECV)
+        self._dirty = False

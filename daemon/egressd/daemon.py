@@ -29,6 +29,7 @@ from .httplog import server_logger
 from .libnft import Nft
 from .logs import setup as setup_logging
 from .netaddr import node_addresses
+from .nftset import NftSetWriter
 from .core.denials import Origin
 from .metrics import Exposition
 from .nflogsock import NflogReader
@@ -43,13 +44,22 @@ log = structlog.get_logger("egressd.daemon")
 EXPIRE_INTERVAL = 10.0
 
 
+def _nftset_writer() -> NftSetWriter | None:
+    """The raw netlink writer of the DNS path; None (libnftables per answer) if it cannot open."""
+    try:
+        return NftSetWriter()
+    except OSError as e:
+        log.warning("nftset_writer_unavailable", error=str(e), fallback="libnftables")
+        return None
+
+
 class Daemon:
     def __init__(self, config_path: str | Path, baked: Baked) -> None:
         self.config_path = Path(config_path)
         self.cfg = baked.config
         self.node = self.cfg.node or socket.gethostname()
         self.notifier = Notifier()
-        self.engine = Engine(self.cfg, Nft(), node_addresses=node_addresses())
+        self.engine = Engine(self.cfg, Nft(), node_addresses=node_addresses(), nftset=_nftset_writer())
         self.admin = Admin(self.engine, StateStore(self.cfg.state.dir), baked)
         self.shipper = Shipper(url=self.cfg.collector.url, spool_dir=Path(self.cfg.state.dir) / "spool")
         self.reporter = Reporter(
@@ -129,6 +139,8 @@ class Daemon:
             await r.cleanup()
         await self.shim.close()
         self.nflog.close()
+        if self.engine.nftset is not None:
+            self.engine.nftset.close()
         await self.shipper.close()
         log.info("stopped", generation=self.engine.generation, note="ruleset left in place (fail closed)")
         return 0

@@ -10,6 +10,7 @@ change that fails leaves the kernel and the in-memory state as they were."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections import Counter
@@ -30,7 +31,10 @@ from .core.ratelimit import TokenBuckets
 from .core.ruleset import RenderOptions, delete_table, program_elements, render_table, replace_table
 from .core.verdict import CompiledPolicy, Decision, Verdict
 from .core.workloads import Workload
+from .core.nfmsg import Element
+from .errors import ApplyError
 from .libnft import Nft, malloc_trim
+from .nftset import NftSetWriter
 from .shim import ShimAction
 
 log = structlog.get_logger("egressd.engine")
@@ -55,6 +59,20 @@ class State:
     connections: Mapping[str, Connections] = field(default_factory=dict)
 
 
+class StaleGeneration(ApplyError):
+    """A policy apply replaced the sets between an answer's check and its programming."""
+
+
+@dataclass
+class _Pending:
+    """One answer waiting for the next batch of set elements."""
+
+    generation: int
+    workspace_id: str
+    sets: dict[str, list[Element]]
+    future: asyncio.Future
+
+
 @dataclass(frozen=True)
 class Target:
     """What the shim hands back with an allowed answer: whose sets get its IPs."""
@@ -72,9 +90,14 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         node_addresses: Iterable[str] = (),
         on_denial: Callable[[Workload, Decision, str], None] | None = None,
+        nftset: NftSetWriter | None = None,
     ) -> None:
         self.cfg = cfg
         self.nft = nft
+        # The raw netlink writer of set elements (None: each answer is one libnftables command).
+        self.nftset = nftset
+        self._pending: list[_Pending] = []
+        self._flush_scheduled = False
         self.clock = clock
         self.node_addresses = {ipaddress.ip_address(a) for a in node_addresses}
         self.on_denial = on_denial
@@ -278,10 +301,80 @@ class Engine:
         todo = self.cache.record(target.workspace_id, target.name, kept, self.cfg.dns.min_ttl, self.clock())
         if not todo:
             return
+        gen = self.generation
         try:
-            self.nft.run(program_elements(wp, todo, target.name))
+            if self.nftset is None:
+                self.nft.run(program_elements(wp, todo, target.name))
+            else:
+                await self._batched(gen, wp.workspace_id, wp.key, todo, target.name)
         except Exception:
-            self.cache.forget(target.workspace_id, (ip for ip, _ in todo))
+            if self.generation == gen:  # a new generation has its own cache, rendered into its sets
+                self.cache.forget(target.workspace_id, (ip for ip, _ in todo))
             self.counters["program_errors"] += 1
             raise
         self.counters["programmed_ips"] += len(todo)
+
+    # --- batching of set elements --------------------------------------------------------------
+    def _batched(self, gen: int, workspace_id: str, key: str, todo: list[tuple[str, int]],
+                 name: str) -> asyncio.Future:
+        """Queue an answer's elements for the batch sent at the end of this event-loop turn; the
+        future completes once the kernel ACKed them (or with the error that refused them)."""
+        sets: dict[str, list[Element]] = {}
+        for ip, timeout in todo:
+            sets.setdefault(f"{key}_dyn6" if ":" in ip else f"{key}_dyn4", []).append(Element(ip, timeout, name))
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append(_Pending(gen, workspace_id, sets, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        """Send every pending answer's elements as one batch; if the kernel refuses it, send each
+        answer on its own, so one bad element fails only its own answer."""
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        live = []
+        for p in pending:
+            if p.generation != self.generation:
+                # Its sets were replaced by a policy apply: never add to the new ones unchecked.
+                _settle(p.future, StaleGeneration(
+                    f"policy generation {p.generation} replaced by {self.generation} before the answer's IPs were added"))
+            else:
+                live.append(p)
+        if not live:
+            return
+        try:
+            self.nftset.add(_merged(live))
+        except Exception as e:
+            if len(live) == 1:
+                _settle(live[0].future, e)
+                return
+            for p in live:
+                try:
+                    self.nftset.add(p.sets)
+                except Exception as e1:
+                    _settle(p.future, e1)
+                else:
+                    _settle(p.future, None)
+            return
+        for p in live:
+            _settle(p.future, None)
+
+
+def _merged(pending: list[_Pending]) -> dict[str, list[Element]]:
+    out: dict[str, list[Element]] = {}
+    for p in pending:
+        for name, elements in p.sets.items():
+            out.setdefault(name, []).extend(elements)
+    return out
+
+
+def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if fut.done():  # its caller was cancelled
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)

@@ -1,0 +1,166 @@
+"""The raw netlink writer of set elements, and Engine.program's batching, against real nftables in a
+throw-away network namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import subprocess
+
+import pytest
+
+from egressd.core.config import config_from_dict
+from egressd.core.nfmsg import Element
+from egressd.core.policy import default_policy, parse_policy
+from egressd.core.workloads import Workload
+from egressd.engine import Engine, StaleGeneration, State, Target
+from egressd.lab import world
+from egressd.netns import entered
+from egressd.nftset import NftSetError, NftSetWriter
+
+SETS = ("add table inet egressd\n"
+        "add set inet egressd ws_a_dyn4 { type ipv4_addr; flags timeout; }\n"
+        "add set inet egressd ws_a_dyn6 { type ipv6_addr; flags timeout; }\n")
+
+
+@pytest.fixture
+def writer(scratch_ns):
+    with entered(scratch_ns.name):
+        w = NftSetWriter()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def elements(ns, set_name: str) -> dict[str, dict]:
+    """val -> element (timeout, expires, comment) of a set, from nft's JSON listing."""
+    out = subprocess.run(["ip", "netns", "exec", ns.name, "nft", "-j", "list", "set", "inet", "egressd", set_name],
+                         capture_output=True, text=True, check=True).stdout
+    for o in json.loads(out)["nftables"]:
+        if "set" in o:
+            return {e["elem"]["val"]: e["elem"] for e in o["set"].get("elem", [])}
+    return {}
+
+
+def test_elements_appear_with_timeouts_and_comments(scratch_ns, writer):
+    scratch_ns.nft.run(SETS)
+    writer.add({"ws_a_dyn4": [Element("192.0.2.1", 30, "a.example.com"), Element("192.0.2.2", 600, "b.example")],
+                "ws_a_dyn6": [Element("2001:db8::1", 61, "v6.example")]})
+    v4, v6 = elements(scratch_ns, "ws_a_dyn4"), elements(scratch_ns, "ws_a_dyn6")
+    assert {k: (e["timeout"], e["comment"]) for k, e in v4.items()} == {
+        "192.0.2.1": (30, "a.example.com"), "192.0.2.2": (600, "b.example")}
+    assert {k: (e["timeout"], e["comment"]) for k, e in v6.items()} == {"2001:db8::1": (61, "v6.example")}
+    assert 25 <= v4["192.0.2.1"]["expires"] <= 30
+    # Adding again resets the timeout (add, delete, add), also to a shorter one.
+    writer.add({"ws_a_dyn4": [Element("192.0.2.2", 40, "c.example")]})
+    e = elements(scratch_ns, "ws_a_dyn4")["192.0.2.2"]
+    assert (e["timeout"], e["comment"]) == (40, "c.example") and e["expires"] <= 40
+
+
+def test_many_elements_in_one_batch(scratch_ns, writer):
+    scratch_ns.nft.run(SETS)
+    v4 = [Element(str(ipaddress.ip_address("198.51.100.0") + i), 100 + i % 7, f"n{i}.example") for i in range(100)]
+    v4 += [Element(str(ipaddress.ip_address("203.0.113.0") + i), 200, "m.example") for i in range(200)]
+    v6 = [Element(f"2001:db8:1::{i:x}", 300, "six.example") for i in range(600)]
+    v4.append(Element("198.51.100.5", 900, "dup.example"))  # twice in one batch: the longer timeout wins
+    sent = writer.add({"ws_a_dyn4": v4, "ws_a_dyn6": v6})
+    assert sent == 3 * (2 + 3)  # chunks of 256: 300 v4 elements are 2 chunks, 600 v6 ones 3
+    got4, got6 = elements(scratch_ns, "ws_a_dyn4"), elements(scratch_ns, "ws_a_dyn6")
+    assert len(got4) == 300 and len(got6) == 600
+    assert got4["198.51.100.5"]["timeout"] == 900 and got4["198.51.100.6"]["timeout"] == 106
+    assert got6["2001:db8:1::257"]["comment"] == "six.example"
+
+
+def test_missing_set_is_a_clear_error_and_changes_nothing(scratch_ns, writer):
+    scratch_ns.nft.run(SETS)
+    before = scratch_ns.ruleset()
+    with pytest.raises(NftSetError) as ei:
+        writer.add({"ws_a_dyn4": [Element("192.0.2.7", 30, "ok.example")],
+                    "ws_gone_dyn4": [Element("192.0.2.8", 30, "bad.example")]})
+    assert ei.value.set_name == "ws_gone_dyn4" and ei.value.errno == 2
+    assert "ws_gone_dyn4" in str(ei.value) and "ENOENT" in str(ei.value)
+    assert scratch_ns.ruleset() == before  # the good set's element did not go in either
+    # No table at all: the same, and the writer still works afterwards.
+    scratch_ns.nft.run("delete table inet egressd")
+    with pytest.raises(NftSetError):
+        writer.add({"ws_a_dyn4": [Element("192.0.2.7", 30, "ok.example")]})
+    scratch_ns.nft.run(SETS)
+    writer.add({"ws_a_dyn4": [Element("192.0.2.7", 30, "ok.example")]})
+    assert set(elements(scratch_ns, "ws_a_dyn4")) == {"192.0.2.7"}
+
+
+# --- Engine.program over the writer --------------------------------------------------------------
+
+class CountingWriter(NftSetWriter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[dict] = []
+
+    def add(self, sets):
+        self.batches.append({k: [e.ip for e in v] for k, v in sets.items()})
+        return super().add(sets)
+
+
+def _state(policy: str = "restricted-etl") -> State:
+    policies = {"default-policy": default_policy(), policy: parse_policy(world.policy(policy))}
+    wl = Workload("w1", "1001", "GENERAL_COMPUTE", (ipaddress.ip_network("10.77.1.2/32"),))
+    return State(policies, {"1001": policy}, (wl,))
+
+
+@pytest.fixture
+def engine(scratch_ns):
+    cfg = config_from_dict({"dns": {"upstreams": ["203.0.113.2"]}})
+    with entered(scratch_ns.name):
+        w = CountingWriter()
+    e = Engine(cfg, scratch_ns.nft, nftset=w)
+    e.apply(_state(), reason="test")
+    try:
+        yield e
+    finally:
+        w.close()
+
+
+async def test_concurrent_answers_are_one_batch_and_return_after_the_kernel_has_them(scratch_ns, engine):
+    seen: dict[int, set[str]] = {}
+
+    async def one(i: int) -> None:
+        ip = f"198.51.100.{i + 1}"
+        await engine.program(Target("1001", f"h{i}.githubusercontent.com"), ((ip, 60), (f"2001:db8::{i + 1:x}", 60)))
+        seen[i] = set(elements(scratch_ns, "ws_1001_dyn4")) | set(elements(scratch_ns, "ws_1001_dyn6"))
+
+    await asyncio.gather(*(one(i) for i in range(20)))
+    assert len(engine.nftset.batches) == 1
+    assert len(engine.nftset.batches[0]["ws_1001_dyn4"]) == 20
+    for i, have in seen.items():  # every caller returned with its own IPs in the kernel
+        assert {f"198.51.100.{i + 1}", f"2001:db8::{i + 1:x}"} <= have
+    assert engine.counters == {"programmed_ips": 40, "program_errors": 0}
+    assert elements(scratch_ns, "ws_1001_dyn4")["198.51.100.3"]["comment"] == "h2.githubusercontent.com"
+
+
+async def test_a_bad_answer_fails_alone(scratch_ns, engine):
+    # A set gone from under the engine fails the batch; the retry per answer fails only its own.
+    scratch_ns.nft.run("flush chain inet egressd ws_1001_enf\nflush chain inet egressd ws_1001_dry\n"
+                       "delete set inet egressd ws_1001_dyn6")
+    results = await asyncio.gather(
+        engine.program(Target("1001", "pypi.org"), (("198.51.100.10", 60),)),
+        engine.program(Target("1001", "docs.pypi.org"), (("2001:db8::10", 60),)),
+        engine.program(Target("1001", "files.pythonhosted.org"), (("198.51.100.11", 60),)),
+        return_exceptions=True)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], NftSetError) and results[1].set_name == "ws_1001_dyn6"
+    assert set(elements(scratch_ns, "ws_1001_dyn4")) == {"198.51.100.10", "198.51.100.11"}
+    assert engine.counters == {"programmed_ips": 2, "program_errors": 1}
+    assert engine.cache.size("1001") == 2  # the failed IP was forgotten, to be programmed again
+
+
+async def test_apply_racing_a_pending_batch_is_an_error_not_a_silent_add(scratch_ns, engine):
+    task = asyncio.ensure_future(engine.program(Target("1001", "pypi.org"), (("198.51.100.20", 60),)))
+    await asyncio.sleep(0)  # queued, the batch not sent yet
+    engine.apply(_state(), reason="test")
+    with pytest.raises(StaleGeneration):
+        await task
+    assert engine.counters["program_errors"] == 1
+    # The new generation rendered the recorded entry itself: the kernel has it, the cache agrees.
+    assert "198.51.100.20" in elements(scratch_ns, "ws_1001_dyn4") and engine.cache.size("1001") == 1

@@ -1,0 +1,92 @@
+"""The pure nfnetlink message builder of set elements: layout checked field by field."""
+
+from __future__ import annotations
+
+import struct
+
+from egressd.core import nfmsg
+from egressd.core.nfmsg import Element, add_batch, comment_text, parse_acks
+
+HDR = struct.Struct("=IHHII")
+
+
+def messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, seq, payload) of each message; lengths must tile the buffer exactly."""
+    out, off = [], 0
+    while off < len(data):
+        length, mtype, flags, seq, pid = HDR.unpack_from(data, off)
+        assert pid == 0 and length >= HDR.size and length % 4 == 0
+        out.append((mtype, flags, seq, data[off + HDR.size : off + length]))
+        off += length
+    assert off == len(data)
+    return out
+
+
+def attrs(data: bytes) -> list[tuple[int, bytes]]:
+    out, off = [], 0
+    while off < len(data):
+        length, atype = struct.unpack_from("=HH", data, off)
+        assert length >= 4
+        out.append((atype, data[off + 4 : off + length]))
+        off += (length + 3) & ~3
+    assert off == len(data)
+    return out
+
+
+def test_one_element_batch_layout() -> None:
+    b = add_batch("egressd", {"ws_1_dyn4": [Element("192.0.2.1", 60, "pypi.org")]}, 100)
+    msgs = messages(b.data)
+    assert [m[0] for m in msgs] == [0x10, 0xA0C, 0xA0E, 0xA0C, 0x11]
+    assert [m[2] for m in msgs] == [100, 101, 102, 103, 104] and b.next_seq == 105 and b.begin_seq == 100
+    assert b.acks == {101: "ws_1_dyn4", 102: "ws_1_dyn4", 103: "ws_1_dyn4"}
+    # Batch markers: no ACK asked, family unspec, res_id NFNL_SUBSYS_NFTABLES in network order.
+    assert msgs[0][1] == nfmsg.NLM_F_REQUEST and msgs[0][3] == b"\x00\x00\x00\x0a"
+    assert msgs[1][1] == nfmsg.NLM_F_REQUEST | nfmsg.NLM_F_ACK | nfmsg.NLM_F_CREATE
+    assert msgs[2][1] == nfmsg.NLM_F_REQUEST | nfmsg.NLM_F_ACK
+    payload = msgs[1][3]
+    assert payload[:4] == b"\x01\x00\x00\x00"  # NFPROTO_INET, version 0, res_id 0
+    top = attrs(payload[4:])
+    assert top[0] == (1, b"egressd\0") and top[1] == (2, b"ws_1_dyn4\0")
+    assert top[2][0] == 3 | nfmsg.NLA_F_NESTED
+    (elem,) = attrs(top[2][1])
+    assert elem[0] == 1 | nfmsg.NLA_F_NESTED
+    key, timeout, udata = attrs(elem[1])
+    assert key == (1 | nfmsg.NLA_F_NESTED, struct.pack("=HH", 8, 1) + bytes([192, 0, 2, 1]))
+    assert timeout == (4, struct.pack(">Q", 60_000))  # milliseconds, big endian
+    assert udata == (6, b"\x00\x09pypi.org\x00")  # comment TLV: type 0, length with the NUL
+    # The delete carries the key only.
+    (delem,) = attrs(attrs(msgs[2][3][4:])[2][1])
+    assert attrs(delem[1]) == [key]
+
+
+def test_ipv6_key_and_chunks_and_duplicates() -> None:
+    els = [Element(f"2001:db8::{i:x}", 30, "x") for i in range(nfmsg.CHUNK + 1)]
+    els.append(Element("2001:db8::5", 90, "y"))  # the same IP again: kept once, longest timeout
+    b = add_batch("egressd", {"ws_1_dyn6": els}, 1)
+    msgs = messages(b.data)
+    assert len(msgs) == 2 + 3 * 2 and len(b.acks) == 6
+    first = attrs(attrs(msgs[1][3][4:])[2][1])
+    second = attrs(attrs(msgs[4][3][4:])[2][1])
+    assert len(first) == nfmsg.CHUNK and len(second) == 1
+    keys = {attrs(attrs(e[1])[0][1])[0][1]: attrs(e[1])[1][1] for e in first}
+    assert len(next(iter(keys))) == 16
+    assert keys[bytes.fromhex("20010db8000000000000000000000005")] == struct.pack(">Q", 90_000)
+
+
+def test_empty_batch_has_no_acks() -> None:
+    b = add_batch("egressd", {}, 7)
+    assert b.acks == {} and [m[0] for m in messages(b.data)] == [0x10, 0x11]
+
+
+def test_comment_text_drops_what_is_not_a_name() -> None:
+    assert comment_text('a"b c;{x}.example-1_*') == "abcx.example-1_*"
+    assert len(comment_text("a" * 300)) == nfmsg.COMMENT_MAX
+    el = nfmsg.element_attr(Element("192.0.2.1", 1, '";'))
+    assert len(attrs(attrs(el)[0][1])) == 2  # an empty comment is left out
+
+
+def test_parse_acks() -> None:
+    ack = HDR.pack(36, 2, 0x100, 5, 0) + struct.pack("=i", 0) + HDR.pack(16, 0xA0C, 5, 5, 0)
+    err = HDR.pack(36, 2, 0, 6, 0) + struct.pack("=i", -2) + HDR.pack(16, 0xA0C, 5, 6, 0)
+    other = HDR.pack(20, 0xA0C, 0, 9, 0) + b"\0" * 4
+    assert parse_acks(ack + other + err) == [(5, 0), (6, 2)]

@@ -11,10 +11,11 @@ back as ``comment``."""
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
@@ -57,6 +58,7 @@ class Element:
     comment: str
 
 
+@lru_cache(maxsize=4096)
 def comment_text(name: str) -> str:
     """An element comment from a DNS name: [a-z0-9._-*] kept, anything else dropped, never escaped."""
     return "".join(c for c in name if c.isalnum() or c in "._-*")[:COMMENT_MAX]
@@ -74,20 +76,38 @@ def _nest(atype: int, parts: bytes) -> bytes:
     return _NLA.pack(_NLA.size + len(parts), atype | NLA_F_NESTED) + parts
 
 
+# The fixed parts of an element, packed once: the key's nest and value headers by address size,
+# the timeout's header.
+_KEY_HDR = {n: _NLA.pack(8 + n, NFTA_SET_ELEM_KEY | NLA_F_NESTED) + _NLA.pack(4 + n, NFTA_DATA_VALUE)
+            for n in (4, 16)}
+_TIMEOUT_HDR = _NLA.pack(12, NFTA_SET_ELEM_TIMEOUT)
+_BE64 = struct.Struct(">Q")
+_ELEM_HDR = struct.Struct("=HH")
+
+
 def _key(ip: str) -> bytes:
-    return ipaddress.ip_address(ip).packed
+    """4 or 16 bytes of an address (ValueError if it is none)."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except OSError as e:
+        raise ValueError(f"not an IP address: {ip!r}") from e
+
+
+@lru_cache(maxsize=4096)
+def _udata(comment: str) -> bytes:
+    text = comment_text(comment).encode()
+    if not text:
+        return b""
+    return _attr(NFTA_SET_ELEM_USERDATA, bytes((NFTNL_UDATA_SET_ELEM_COMMENT, len(text) + 1)) + text + b"\0")
 
 
 def element_attr(el: Element, *, key_only: bool = False) -> bytes:
     """One NFTA_LIST_ELEM: key, and unless key_only the timeout (ms) and the comment."""
-    parts = _nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, _key(el.ip)))
+    key = _key(el.ip)
+    parts = _KEY_HDR[len(key)] + key
     if not key_only:
-        parts += _attr(NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", int(el.timeout_s) * 1000))
-        text = comment_text(el.comment).encode()
-        if text:
-            udata = bytes((NFTNL_UDATA_SET_ELEM_COMMENT, len(text) + 1)) + text + b"\0"
-            parts += _attr(NFTA_SET_ELEM_USERDATA, udata)
-    return _nest(NFTA_LIST_ELEM, parts)
+        parts += _TIMEOUT_HDR + _BE64.pack(int(el.timeout_s) * 1000) + _udata(el.comment)
+    return _ELEM_HDR.pack(4 + len(parts), NFTA_LIST_ELEM | NLA_F_NESTED) + parts
 
 
 def _message(mtype: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes) -> bytes:
@@ -95,17 +115,23 @@ def _message(mtype: int, flags: int, seq: int, family: int, res_id: int, attrs: 
     return _NLMSG.pack(_NLMSG.size + len(body), mtype, flags, seq, 0) + body
 
 
+def _setelem(kind: int, prefix: bytes, elems: bytes, seq: int) -> bytes:
+    """One NEWSETELEM/DELSETELEM message: prefix holds the table and set attributes."""
+    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
+    attrs = prefix + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, elems)
+    return _message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq, NFPROTO_INET, 0, attrs)
+
+
+def _prefix(table: str, set_name: str) -> bytes:
+    return _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(
+        NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+
+
 def setelem_message(kind: int, table: str, set_name: str, elements: Iterable[Element], seq: int) -> bytes:
     """One NEWSETELEM (kind=NFT_MSG_NEWSETELEM) or DELSETELEM message for elements of one set."""
     key_only = kind == NFT_MSG_DELSETELEM
     elems = b"".join(element_attr(e, key_only=key_only) for e in elements)
-    attrs = (
-        _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-        + _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
-        + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, elems)
-    )
-    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0)
-    return _message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq, NFPROTO_INET, 0, attrs)
+    return _setelem(kind, _prefix(table, set_name), elems, seq)
 
 
 @dataclass(frozen=True)
@@ -117,14 +143,16 @@ class Batch:
     next_seq: int
 
 
+_RES_NFTABLES = struct.unpack("=H", struct.pack(">H", NFNL_SUBSYS_NFTABLES))[0]
+
+
 def add_batch(table: str, sets: Mapping[str, Iterable[Element]], seq: int) -> Batch:
     """A batch that adds (resetting their timeouts) elements to named sets of an inet table.
 
     An IP given twice for one set is added once, with the longest timeout (a delete of the same
     element twice in one transaction would fail it)."""
-    res = struct.unpack("=H", struct.pack(">H", NFNL_SUBSYS_NFTABLES))[0]
     begin_seq = seq
-    out = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, res, b"")]
+    out = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, _RES_NFTABLES, b"")]
     acks: dict[int, str] = {}
     seq += 1
     for set_name, elements in sets.items():
@@ -134,13 +162,18 @@ def add_batch(table: str, sets: Mapping[str, Iterable[Element]], seq: int) -> Ba
             if have is None or e.timeout_s > have.timeout_s:
                 uniq[e.ip] = e
         items = list(uniq.values())
+        prefix = _prefix(table, set_name)
         for i in range(0, len(items), CHUNK):
             chunk = items[i : i + CHUNK]
-            for kind in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM):
-                out.append(setelem_message(kind, table, set_name, chunk, seq))
-                acks[seq] = set_name
-                seq += 1
-    out.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, res, b""))
+            full = b"".join([element_attr(e) for e in chunk])
+            keys = b"".join([element_attr(e, key_only=True) for e in chunk])
+            out.append(_setelem(NFT_MSG_NEWSETELEM, prefix, full, seq))
+            out.append(_setelem(NFT_MSG_DELSETELEM, prefix, keys, seq + 1))
+            out.append(_setelem(NFT_MSG_NEWSETELEM, prefix, full, seq + 2))
+            for k in range(3):
+                acks[seq + k] = set_name
+            seq += 3
+    out.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, _RES_NFTABLES, b""))
     return Batch(b"".join(out), begin_seq, acks, seq + 1)
 
 

@@ -11,6 +11,7 @@ import errno
 import os
 import select
 import socket
+import struct
 from collections.abc import Iterable, Mapping
 
 from .core.nfmsg import Element, add_batch, parse_acks
@@ -45,7 +46,11 @@ class NftSetWriter:
                 s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             except OSError:
                 pass
-            s.settimeout(timeout)
+            # The kernel enforces the receive timeout (SO_RCVTIMEO): a Python-level timeout would
+            # poll() before every send and receive, two more system calls per batch.
+            sec = int(timeout)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                         struct.pack("ll", sec, int((timeout - sec) * 1e6)))
         except BaseException:
             s.close()
             raise
@@ -74,7 +79,7 @@ class NftSetWriter:
         while pending:
             try:
                 data = self._sock.recv(_RECV)
-            except TimeoutError as e:
+            except (BlockingIOError, TimeoutError) as e:  # SO_RCVTIMEO ran out: EAGAIN
                 self._dirty = True
                 raise NftSetError(next(iter(batch.acks.values())), errno.ETIMEDOUT) from e
             for seq, err in parse_acks(data):

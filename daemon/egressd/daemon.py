@@ -97,6 +97,8 @@ class Daemon:
             total_timeout=cfg.upstream_timeout_ms / 1000,
             max_inflight=cfg.max_inflight,
             known_client=lambda ip: self.engine.workload_of(ip) is not None,
+            admit=self.engine.admit,
+            generation=lambda: self.engine.generation,
         )
         await self.shim.start([("0.0.0.0", cfg.listen_port), ("::", cfg.listen_port)])
         gid = socket_group_gid(self.cfg.api.socket_group)

@@ -242,13 +242,22 @@ class Engine:
             return False
         return ip.is_loopback or ip in self.node_addresses
 
-    def classify(self, src: str, q: Query) -> ShimAction:
+    def admit(self, src: str) -> ShimAction | None:
+        """The per-workload DNS rate limit: None if a query of ``src`` may go on, else the
+        REFUSED answer to give it. Every query passes here, answer-cache hits too."""
         wl = self.workload_of(src)
         if wl is not None and not self.dns_limit.allow(wl.workload_id, self.clock()):
             # Before any policy work: a flood costs a bucket lookup, no upstream query, no event.
             self.dns_rate_limited[wl.workspace_id] += 1
             text = f"egressd: rate limited (workload {wl.workload_id} over {self.cfg.dns.rate_limit_qps} queries/s)"
             return ShimAction("deny", rcode=REFUSED, ede_text=text, ede_code=EDE_OTHER)
+        return None
+
+    def classify(self, src: str, q: Query) -> ShimAction:
+        limited = self.admit(src)
+        if limited is not None:
+            return limited
+        wl = self.workload_of(src)
         if wl is None:
             # The node itself is unrestricted; anybody else gets no answer (never an open resolver).
             return ShimAction("forward") if self._is_node(src) else ShimAction("ignore")

@@ -28,10 +28,12 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import structlog
 
+from egressd.core.answercache import DEFAULT_MAX_ENTRIES, AnswerCache
 from egressd.core.dnsmsg import (
     EDE_BLOCKED,
     REFUSED,
@@ -60,6 +62,8 @@ _TCP_PIPELINE = 64  # queries in flight per TCP connection before we stop readin
 _TCP_WRITE_HIGH = 256 * 1024
 _UDP_RCVBUF = 4 * 1024 * 1024
 _WARN_EVERY = 10.0  # seconds between repeated warnings of one kind
+_POOL_SOCKETS = 16  # connected UDP sockets per upstream
+_POOL_ROTATE = 64  # queries per socket before it is replaced (a new source port)
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,10 @@ class DnsShim:
         tcp_idle_timeout: float = 10.0,
         max_tcp_connections: int = 1024,
         known_client: Callable[[str], bool] | None = None,
+        admit: Callable[[str], ShimAction | None] | None = None,
+        generation: Callable[[], object] | None = None,
+        cache_entries: int = DEFAULT_MAX_ENTRIES,
+        upstream_sockets: int = _POOL_SOCKETS,
     ) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is needed")
@@ -158,6 +166,13 @@ class DnsShim:
         self._tcp_conns: set[_TcpConn] = set()
         self._bound: list[tuple[str, int]] = []
         self._last_warn: dict[str, float] = {}
+        # The answer cache needs both callbacks: admit() (the per-client rate limit, which a hit
+        # must still pass) and generation() (the policy generation; any change clears the cache).
+        self._admit = admit
+        self._generation = generation
+        self.cache = AnswerCache(cache_entries) if admit and generation and cache_entries > 0 else None
+        self._pool_size = max(1, upstream_sockets)
+        self._pools: dict[tuple[str, int], _UpstreamPool] = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -221,6 +236,9 @@ class DnsShim:
         self._udp.clear()
         self._servers.clear()
         self._bound.clear()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     # --- one query --------------------------------------------------------------------
 
@@ -230,6 +248,7 @@ class DnsShim:
         stats = self.stats
         stats["queries"] += 1
         client = _client_ip(peer)
+        gen = self._generation() if self.cache is not None else None  # before classify()
         try:
             q = parse_query(wire)
         except DnsFormatError as exc:
@@ -269,7 +288,8 @@ class DnsShim:
             self._servfail(q, send)
             return True
         self._inflight += 1
-        task = asyncio.get_running_loop().create_task(self._forward(q, action, send, udp))
+        key = peer if udp and gen is not None and action.target is not None else None
+        task = asyncio.get_running_loop().create_task(self._forward(q, action, send, udp, key, gen))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -279,7 +299,40 @@ class DnsShim:
         self.answers[("servfail", 2)] += 1
         send(servfail_response(q))
 
-    async def _forward(self, q: Query, action: ShimAction, send: Send, udp: bool) -> None:
+    def _on_cached(self, wire: bytes, peer: str, send: Send) -> bool:
+        """Serve a UDP query from the answer cache if it holds it (True), else False."""
+        cache = self.cache
+        assert cache is not None and self._generation is not None and self._admit is not None
+        gen = self._generation()
+        if gen != cache.generation:
+            cache.clear(gen)
+            return False
+        out = cache.get(peer, wire, asyncio.get_running_loop().time())
+        if out is None:
+            return False
+        stats = self.stats
+        stats["queries"] += 1
+        client = peer if ":" not in peer else _client_ip(peer)
+        action = self._admit(client)
+        if action is None:
+            send(out)
+            stats["cache_hits"] += 1
+            stats["forwarded"] += 1
+            self.answers[("allowed", out[3] & 0xF)] += 1
+            return True
+        # Over its rate limit: the same REFUSED as an uncached query gets.
+        try:
+            q = parse_query(wire)
+        except DnsFormatError:
+            stats["formerr"] += 1
+            return True
+        stats["denied"] += 1
+        self.answers[("denied", action.rcode)] += 1
+        send(truncate_for_udp(deny_response(q, action.rcode, action.ede_text, action.ede_code), q))
+        return True
+
+    async def _forward(self, q: Query, action: ShimAction, send: Send, udp: bool,
+                       cache_key: str | None = None, gen: object = None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._total_timeout
         try:
@@ -293,7 +346,18 @@ class DnsShim:
                     self._servfail(q, send)
                     return
             out = with_id(answer, q.id)
-            send(truncate_for_udp(out, q) if udp else out)
+            if udp:
+                out = truncate_for_udp(out, q)
+            send(out)
+            cache = self.cache
+            if cache_key is not None and cache is not None and self._generation is not None:
+                # Only an answer whose IPs are in (program() returned) and that was classified
+                # under the generation still in force.
+                now_gen = self._generation()
+                if now_gen == gen:
+                    if cache.generation != now_gen:
+                        cache.clear(now_gen)
+                    cache.put(cache_key, q.wire, out, loop.time())
             self.stats["forwarded"] += 1
             self.answers[("allowed" if action.target is not None else "forwarded", info.rcode)] += 1
             self.latency.observe(loop.time() - (deadline - self._total_timeout))
@@ -379,18 +443,11 @@ class DnsShim:
     async def _udp_exchange(
         self, upstream: tuple[str, int], q: Query, timeout: float
     ) -> tuple[AnswerInfo, bytes]:
-        """One UDP query on a fresh socket (kernel-random port) with a fresh random ID."""
-        loop = asyncio.get_running_loop()
-        qid = secrets.randbelow(0x10000)
-        done: asyncio.Future[tuple[AnswerInfo, bytes]] = loop.create_future()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UpstreamUdp(done, qid, q, self.stats), remote_addr=upstream
-        )
-        try:
-            transport.sendto(with_id(q.wire, qid))
-            return await asyncio.wait_for(done, timeout)
-        finally:
-            transport.close()
+        """One UDP query through the upstream's pool of connected sockets, with a random ID."""
+        pool = self._pools.get(upstream)
+        if pool is None:
+            pool = self._pools[upstream] = _UpstreamPool(upstream, self._pool_size, self.stats)
+        return await pool.exchange(q, timeout)
 
     async def _tcp_exchange(self, upstream: tuple[str, int], q: Query) -> tuple[AnswerInfo, bytes]:
         """One query over a new TCP connection (the caller bounds the time)."""
@@ -424,26 +481,105 @@ def _swallow(task: asyncio.Future[object]) -> None:
         task.exception()
 
 
-class _UpstreamUdp(asyncio.DatagramProtocol):
-    """Waits on a connected UDP socket for the answer that matches; counts the others."""
+def _expire(fut: asyncio.Future[tuple[AnswerInfo, bytes]]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
-    def __init__(self, done: asyncio.Future[tuple[AnswerInfo, bytes]], qid: int, q: Query,
-                 stats: collections.Counter[str]) -> None:
-        self._done, self._qid, self._q, self._stats = done, qid, q, stats
+
+class _PooledUdp(asyncio.DatagramProtocol):
+    """One connected UDP socket to an upstream, with several queries in flight (by ID)."""
+
+    def __init__(self, stats: collections.Counter[str]) -> None:
+        self.pending: dict[int, tuple[asyncio.Future[tuple[AnswerInfo, bytes]], Query]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.uses = 0
+        self.retired = False
+        self._stats = stats
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: object) -> None:
-        if self._done.done():
+        if len(data) < 2:
+            self._stats["spoofed_ignored"] += 1
             return
+        waiter = self.pending.get((data[0] << 8) | data[1])
+        if waiter is None or waiter[0].done():
+            self._stats["spoofed_ignored"] += 1
+            return
+        fut, q = waiter
         try:
-            info = parse_answer(data, self._qid, self._q.qname, self._q.qtype)
+            info = parse_answer(data, (data[0] << 8) | data[1], q.qname, q.qtype)
         except DnsFormatError:
             self._stats["spoofed_ignored"] += 1
             return
-        self._done.set_result((info, data))
+        fut.set_result((info, data))
 
     def error_received(self, exc: Exception) -> None:
-        if not self._done.done():
-            self._done.set_exception(exc)
+        # An ICMP error on the connected socket: the upstream is unreachable for every query on it.
+        for fut, _ in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut, _ in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc or ConnectionError("upstream socket closed"))
+
+
+class _UpstreamPool:
+    """A few connected UDP sockets to one upstream, used in turn. Each socket is replaced after
+    _POOL_ROTATE queries (closed once its last answer is in), so the source port keeps changing
+    and an off-path spoofer has to guess it along with the random 16-bit ID."""
+
+    def __init__(self, upstream: tuple[str, int], size: int, stats: collections.Counter[str]) -> None:
+        self._upstream = upstream
+        self._slots: list[_PooledUdp | None] = [None] * size
+        self._next = 0
+        self._stats = stats
+
+    async def _socket(self) -> _PooledUdp:
+        i = self._next
+        self._next = (i + 1) % len(self._slots)
+        proto = self._slots[i]
+        if proto is None or proto.retired or proto.transport is None or proto.transport.is_closing():
+            loop = asyncio.get_running_loop()
+            _, proto = await loop.create_datagram_endpoint(
+                lambda: _PooledUdp(self._stats), remote_addr=self._upstream
+            )
+            self._slots[i] = proto
+        proto.uses += 1
+        if proto.uses >= _POOL_ROTATE:
+            proto.retired = True
+            self._slots[i] = None
+        return proto
+
+    async def exchange(self, q: Query, timeout: float) -> tuple[AnswerInfo, bytes]:
+        proto = await self._socket()
+        transport = proto.transport
+        assert transport is not None
+        pending = proto.pending
+        qid = secrets.randbelow(0x10000)
+        while qid in pending:
+            qid = secrets.randbelow(0x10000)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[AnswerInfo, bytes]] = loop.create_future()
+        pending[qid] = (fut, q)
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            transport.sendto(with_id(q.wire, qid))
+            return await fut
+        finally:
+            timer.cancel()
+            del pending[qid]
+            if proto.retired and not pending:
+                transport.close()
+
+    def close(self) -> None:
+        for proto in self._slots:
+            if proto is not None and proto.transport is not None:
+                proto.transport.close()
+        self._slots = [None] * len(self._slots)
 
 
 class _UdpServer(asyncio.DatagramProtocol):
@@ -458,7 +594,11 @@ class _UdpServer(asyncio.DatagramProtocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        self._shim._on_query(data, addr[0], lambda out: transport.sendto(out, addr), udp=True)
+        shim = self._shim
+        send = partial(transport.sendto, addr=addr)
+        if shim.cache is not None and shim._on_cached(data, addr[0], send):
+            return
+        shim._on_query(data, addr[0], send, udp=True)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp server socket error", error=repr(exc))

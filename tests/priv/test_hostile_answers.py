@@ -177,7 +177,12 @@ def test_filtered_answers_warn_rate_limited_naming_workspace_and_name(henv):
                and w.get("action") == "answer-closed" for w in warned), warned
     # A burst of 30 filtered answers within a few seconds adds at most two warnings (one per 10 s).
     batch = Path(henv.lab.tmpdir) / "burst.txt"
-    batch.write_text("".join(f"{name} A\n" for _ in range(30)))
+    # 30 case variants of the name: each is a distinct query to the shim's answer cache (keyed on
+    # the query's bytes), so every one is an upstream answer that goes through the filter.
+    variants = ["".join(c.upper() if i >> k & 1 else c for k, c in enumerate(name[:8])) + name[8:]
+                for i in range(1, 31)]
+    assert len(set(variants)) == 30
+    batch.write_text("".join(f"{v} A\n" for v in variants))
     before = henv.metrics()
     cp = henv.lab.run(henv.w1, ["dig", "+time=2", "+tries=1", "+noall", "+comments", "-f", str(batch)], timeout=30)
     assert cp.stdout.count("status: NOERROR") == 30, cp.stdout[-2000:]
@@ -220,11 +225,16 @@ def test_spoofed_answer_flood_is_never_programmed_or_returned(henv):
     lab = henv.lab
     lo, hi = (int(x) for x in lab.run(lab.node_ns, ["sysctl", "-n", "net.ipv4.ip_local_port_range"],
                                       check=True).stdout.split())
-    names = [f"{hd.SLOW_PREFIX}{i}.{hd.DOMAIN}" for i in range(4)]
-    forged = "192.0.2.222"
+    # Every lookup is a distinct name (so none is answered from the shim's answer cache and every
+    # one keeps an upstream socket waiting); the forger forges answers for all of them.
     workers, per_worker = 16, 15
-    batch = Path(lab.tmpdir) / "slow.txt"
-    batch.write_text("".join(f"{names[i % len(names)]} A\n" for i in range(per_worker)))
+    names = [f"{hd.SLOW_PREFIX}{i}.{hd.DOMAIN}" for i in range(workers * per_worker)]
+    forged = "192.0.2.222"
+    batches = []
+    for w in range(workers):
+        batch = Path(lab.tmpdir) / f"slow{w}.txt"
+        batch.write_text("".join(f"{n} A\n" for n in names[w * per_worker:(w + 1) * per_worker]))
+        batches.append(batch)
     before = henv.metrics()
     forger = lab.popen(lab.inet_ns, [
         sys.executable, "-m", "egressd.lab.hostile_dns", "forge", "--src", f"{HOSTILE}:53",
@@ -233,7 +243,7 @@ def test_spoofed_answer_flood_is_never_programmed_or_returned(henv):
     ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(0.3)
     digs = [lab.popen(henv.w1, ["dig", "+time=2", "+tries=1", "+noall", "+answer", "+comments", "-f", str(batch)],
-                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(workers)]
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for batch in batches]
     outputs = [d.communicate(timeout=60)[0] for d in digs]
     forger.terminate()  # the flood ends with the lookups (it reports what it sent)
     out, _ = forger.communicate(timeout=30)

@@ -299,37 +299,34 @@ class DnsShim:
         self.answers[("servfail", 2)] += 1
         send(servfail_response(q))
 
-    def _on_cached(self, wire: bytes, peer: str, send: Send) -> bool:
-        """Serve a UDP query from the answer cache if it holds it (True), else False."""
+    def _cached(self, wire: bytes, peer: str) -> bytes | None:
+        """The reply to a UDP query from the answer cache (or the rate limit's REFUSED), or None
+        when the cache does not hold it."""
         cache = self.cache
-        assert cache is not None and self._generation is not None and self._admit is not None
-        gen = self._generation()
-        if gen != cache.generation:
-            cache.clear(gen)
-            return False
-        out = cache.get(peer, wire, asyncio.get_running_loop().time())
+        gen = self._generation()  # type: ignore[misc]
+        if gen != cache.generation:  # type: ignore[union-attr]
+            cache.clear(gen)  # type: ignore[union-attr]
+            return None
+        out = cache.get(peer, wire, asyncio.get_running_loop().time())  # type: ignore[union-attr]
         if out is None:
-            return False
+            return None
         stats = self.stats
         stats["queries"] += 1
-        client = peer if ":" not in peer else _client_ip(peer)
-        action = self._admit(client)
+        action = self._admit(peer if ":" not in peer else _client_ip(peer))  # type: ignore[misc]
         if action is None:
-            send(out)
             stats["cache_hits"] += 1
             stats["forwarded"] += 1
             self.answers[("allowed", out[3] & 0xF)] += 1
-            return True
+            return out
         # Over its rate limit: the same REFUSED as an uncached query gets.
         try:
             q = parse_query(wire)
         except DnsFormatError:
             stats["formerr"] += 1
-            return True
+            return formerr_response(wire)
         stats["denied"] += 1
         self.answers[("denied", action.rcode)] += 1
-        send(truncate_for_udp(deny_response(q, action.rcode, action.ede_text, action.ede_code), q))
-        return True
+        return truncate_for_udp(deny_response(q, action.rcode, action.ede_text, action.ede_code), q)
 
     async def _forward(self, q: Query, action: ShimAction, send: Send, udp: bool,
                        cache_key: str | None = None, gen: object = None) -> None:
@@ -595,10 +592,12 @@ class _UdpServer(asyncio.DatagramProtocol):
         if transport is None or transport.is_closing():
             return
         shim = self._shim
-        send = partial(transport.sendto, addr=addr)
-        if shim.cache is not None and shim._on_cached(data, addr[0], send):
-            return
-        shim._on_query(data, addr[0], send, udp=True)
+        if shim.cache is not None:
+            out = shim._cached(data, addr[0])
+            if out is not None:
+                transport.sendto(out, addr)
+                return
+        shim._on_query(data, addr[0], partial(transport.sendto, addr=addr), udp=True)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp server socket error", error=repr(exc))

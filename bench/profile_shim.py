@@ -30,6 +30,9 @@ CATEGORIES = [
     ("nft: libnftables command per answer (Nft.run)", re.compile(r"^Nft\.run \(")),
     ("upstream: new UDP socket per query (create_datagram_endpoint)", re.compile(r"create_datagram_endpoint")),
     ("upstream: socket teardown (transport close / connection_lost)", re.compile(r"Transport\.(close|_call_connection_lost) \(")),
+    ("set elements over nfnetlink (Engine._flush)", re.compile(r"^Engine\._flush \(")),
+    ("answer cache (hits and inserts)", re.compile(r"^(DnsShim\._cached|AnswerCache\.)")),
+    ("upstream exchange (pooled sockets, waiting for the answer)", re.compile(r"^_UpstreamPool\.exchange \(")),
     ("classify (workload lookup, policy decision)", re.compile(r"^Engine\.classify \(")),
     ("ip cache (IpCache.record)", re.compile(r"^IpCache\.record \(")),
     ("render element commands (program_elements)", re.compile(r"^program_elements \(")),
@@ -57,7 +60,10 @@ def summarize(raw: Path, top: int = 25) -> dict:
             continue
         count = int(n)
         frames = stack.split(";")
-        if not any("egressd/daemon.py" in f for f in frames) or not any("run_forever" in f for f in frames):
+        # The event-loop thread: run_forever on the asyncio loop; uvloop's loop is C, so its
+        # stacks go straight from Runner.run to the callbacks.
+        if not any("egressd/daemon.py" in f for f in frames) or not any(
+                "run_forever" in f or f.startswith("Runner.run (") for f in frames):
             other_threads += count
             continue
         total += count
@@ -65,7 +71,9 @@ def summarize(raw: Path, top: int = 25) -> dict:
         self_c[frames[-1]] += count
         for f in set(frames):
             incl_c[f] += count
-        cat = next((name for name, rx in CATEGORIES if any(rx.search(f) for f in frames[10:])), "other")
+        # Categories look below the loop's own frame (Runner.run / run_forever).
+        base = max(i for i, f in enumerate(frames) if "run_forever" in f or f.startswith("Runner.run ("))
+        cat = next((name for name, rx in CATEGORIES if any(rx.search(f) for f in frames[base + 1:])), "other")
         cat_c[cat] += count
 
     def pct(c: collections.Counter[str]) -> list[tuple[str, float, int]]:

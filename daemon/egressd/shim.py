@@ -90,6 +90,8 @@ _HARD = _Outcome("failed")  # refused, SERVFAIL/REFUSED, broken: not worth retry
 
 def _client_ip(host: str) -> str:
     """The client's address as a plain string: no scope id, no ::ffff: mapping."""
+    if ":" not in host:
+        return host  # IPv4 as the kernel reports it: already plain
     host = host.split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(host)
@@ -372,12 +374,25 @@ class DnsShim:
         loop = asyncio.get_running_loop()
         timeout = max(deadline + _PROGRAM_SLACK - loop.time(), _PROGRAM_MIN)
         task = asyncio.ensure_future(self._program_cb(target, addrs))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
-        except asyncio.CancelledError:
-            task.add_done_callback(_swallow)
-            raise
-        if not done:
+        if not task.done():
+            # asyncio.wait({task}, timeout) without its per-call set and checks (hot path).
+            waiter = loop.create_future()
+
+            def wake(_: object = None) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            task.add_done_callback(wake)
+            timer = loop.call_later(timeout, wake)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                task.add_done_callback(_swallow)
+                raise
+            finally:
+                timer.cancel()
+                task.remove_done_callback(wake)
+        if not task.done():
             self.stats["program_timeouts"] += 1
             task.add_done_callback(_swallow)
             self._warn("program_timeout", "programming answer addresses timed out", timeout=timeout)

@@ -231,6 +231,9 @@ def overlaps_with(new: Workload, existing: Iterable[Workload], path: str = "") -
     return errors
 
 
+_MEMO_MAX = 65_536
+
+
 class WorkloadIndex:
     """Maps a source address to its workload. Built from overlap-free workloads.
 
@@ -255,6 +258,10 @@ class WorkloadIndex:
             )
             for v, t, bits in ((4, tables[4], 32), (6, tables[6], 128))
         }
+        # Answers for source strings already looked up (every DNS query looks up its source;
+        # parsing the address is most of the cost). The index never changes: a new plan builds
+        # a new index, so the memo cannot go stale. Bounded: cleared when full.
+        self._memo: dict[str, Workload | None] = {}
 
     def __len__(self) -> int:
         return self._len
@@ -262,6 +269,19 @@ class WorkloadIndex:
     def lookup(self, ip: str | IPv4Address | IPv6Address) -> Workload | None:
         """The workload owning ``ip``, or None (also for a string that is not an address).
         A zone suffix (``fe80::1%eth0``) is ignored."""
+        if isinstance(ip, str):
+            memo = self._memo
+            try:
+                return memo[ip]
+            except KeyError:
+                pass
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            w = memo[ip] = self._lookup(ip)
+            return w
+        return self._lookup(ip)
+
+    def _lookup(self, ip: str | IPv4Address | IPv6Address) -> Workload | None:
         if isinstance(ip, str):
             try:
                 ip = ip_address(ip.split("%", 1)[0])

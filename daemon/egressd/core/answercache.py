@@ -102,7 +102,7 @@ class AnswerCache:
         d = self._d
         if len(d) >= self._max:
             del d[next(iter(d))]
-        d[(client, query[2:])] = _Entry(answer[2:], tuple(o - 2 for o in offsets), now, ttl)
+        d[(client, bytes(query[2:]))] = _Entry(bytes(answer[2:]), tuple(o - 2 for o in offsets), now, ttl)
         self.inserts += 1
         return True
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: An answer's TTL is clamped to this many seconds at most (a giant TTL must not pin an IP for ever).
 MAX_TTL = 86_400
@@ -18,8 +18,7 @@ MAX_TTL = 86_400
 MARGIN = 1
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One IP of one workspace: when it expires and the last name that allowed it."""
 
     ip: str
@@ -27,10 +26,48 @@ class Entry:
     name: str
 
 
+# What one IP of one workspace holds: (name, expiry) when one name allowed it (nearly always), or
+# {name: expiry} when several did. A tuple costs a third of a one-item dict: with 100,000 IPs
+# cached this is about 13 MB of the daemon's memory.
+_Names = tuple[str, float] | dict[str, float]
+
+
+def _latest(v: _Names) -> tuple[str, float]:
+    if type(v) is tuple:
+        return v
+    return max(v.items(), key=lambda kv: kv[1])  # type: ignore[union-attr]
+
+
+def _with(v: _Names | None, name: str, expiry: float) -> _Names:
+    """``v`` with ``name`` allowed until at least ``expiry``."""
+    if v is None:
+        return (name, expiry)
+    if type(v) is tuple:
+        if v[0] == name:
+            return v if v[1] >= expiry else (name, expiry)
+        return {v[0]: v[1], name: expiry}
+    d: dict[str, float] = v  # type: ignore[assignment]
+    if d.get(name, 0.0) < expiry:
+        d[name] = expiry
+    return d
+
+
+def _without(v: _Names, drop: Callable[[str, float], bool]) -> _Names | None:
+    """``v`` minus the names for which drop(name, expiry) is true; None when none is left."""
+    if type(v) is tuple:
+        return None if drop(*v) else v  # type: ignore[misc]
+    d: dict[str, float] = v  # type: ignore[assignment]
+    for name in [n for n, e in d.items() if drop(n, e)]:
+        del d[name]
+    if len(d) > 1:
+        return d
+    return next(iter(d.items()), None)
+
+
 class IpCache:
     def __init__(self) -> None:
-        # workspace -> ip -> name -> expiry
-        self._ws: dict[str, dict[str, dict[str, float]]] = {}
+        # workspace -> ip -> (name, expiry) or {name: expiry}
+        self._ws: dict[str, dict[str, _Names]] = {}
 
     def record(
         self, workspace: str, name: str, addrs: Iterable[tuple[str, int]], min_ttl: int, now: float
@@ -42,55 +79,63 @@ class IpCache:
         for ip, ttl in addrs:
             life = min(max(int(ttl), int(min_ttl), 1), MAX_TTL)
             expiry = now + life
-            names = ips.get(ip)
-            if names is None:
-                names = ips[ip] = {}
+            cur = ips.get(ip)
+            if cur is None:
                 covered = 0.0
+            elif type(cur) is tuple:
+                covered = cur[1]
             else:
-                covered = max(names.values(), default=0.0)
-            names[name] = max(expiry, names.get(name, 0.0))
+                covered = max(cur.values(), default=0.0)  # type: ignore[union-attr]
             if expiry > covered:
                 timeout = math.ceil(life) + MARGIN
-                names[name] = max(names[name], now + timeout)
+                expiry = max(expiry, now + timeout)
                 out.append((ip, timeout))
+            ips[ip] = _with(cur, name, expiry)
         return out
 
     def entries(self, workspace: str, now: float) -> Iterator[Entry]:
         """Live entries of a workspace (for rendering its sets)."""
-        for ip, names in self._ws.get(workspace, {}).items():
-            name, expiry = max(names.items(), key=lambda kv: kv[1])
+        for ip, v in self._ws.get(workspace, {}).items():
+            name, expiry = _latest(v)
             if expiry > now:
                 yield Entry(ip, expiry, name)
 
     def adopt(self, workspace: str, ip: str, name: str, expires: float) -> None:
         """Take over an entry found in the kernel at start-up."""
-        names = self._ws.setdefault(workspace, {}).setdefault(ip, {})
-        names[name] = max(expires, names.get(name, 0.0))
+        ips = self._ws.setdefault(workspace, {})
+        ips[ip] = _with(ips.get(ip), name, expires)
 
     def retain(self, workspace: str, keep: Callable[[str], bool]) -> int:
         """Forget the names for which keep(name) is false; returns how many IPs were withdrawn."""
         ips = self._ws.get(workspace, {})
         gone = 0
         for ip in list(ips):
-            names = ips[ip]
-            for name in [n for n in names if not keep(n)]:
-                del names[name]
-            if not names:
+            v = _without(ips[ip], lambda n, _e: not keep(n))
+            if v is None:
                 del ips[ip]
                 gone += 1
+            else:
+                ips[ip] = v
         return gone
 
     def expire(self, now: float) -> int:
         """Drop what the kernel has already expired. Returns the number of IPs dropped."""
         dropped = 0
+        gone = lambda _n, e: e <= now  # noqa: E731
         for ips in self._ws.values():
             for ip in list(ips):
-                names = ips[ip]
-                for name in [n for n, e in names.items() if e <= now]:
-                    del names[name]
-                if not names:
+                v = ips[ip]
+                if type(v) is tuple:
+                    if v[1] <= now:
+                        del ips[ip]
+                        dropped += 1
+                    continue
+                w = _without(v, gone)
+                if w is None:
                     del ips[ip]
                     dropped += 1
+                else:
+                    ips[ip] = w
         return dropped
 
     def forget(self, workspace: str, ips: Iterable[str]) -> None:

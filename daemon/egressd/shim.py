@@ -314,7 +314,7 @@ class DnsShim:
             return None
         stats = self.stats
         stats["queries"] += 1
-        action = self._admit(peer if ":" not in peer else _client_ip(peer))  # type: ignore[misc]
+        action = self._admit(_client_ip(peer))  # type: ignore[misc]
         if action is None:
             stats["cache_hits"] += 1
             stats["forwarded"] += 1
@@ -555,15 +555,22 @@ class _UpstreamPool:
         self._next = (i + 1) % len(self._slots)
         proto = self._slots[i]
         if proto is None or proto.retired or proto.transport is None or proto.transport.is_closing():
+            before = proto
             loop = asyncio.get_running_loop()
             _, proto = await loop.create_datagram_endpoint(
                 lambda: _PooledUdp(self._stats), remote_addr=self._upstream
             )
-            self._slots[i] = proto
+            if self._slots[i] is before:
+                self._slots[i] = proto
+            else:
+                # Another query filled the slot while this socket was being made: this one serves
+                # its query alone and is closed after it (an orphan left open leaked a socket).
+                proto.retired = True
         proto.uses += 1
         if proto.uses >= _POOL_ROTATE:
             proto.retired = True
-            self._slots[i] = None
+            if self._slots[i] is proto:
+                self._slots[i] = None
         return proto
 
     async def exchange(self, q: Query, timeout: float) -> tuple[AnswerInfo, bytes]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import os
 import socket
 import struct
 import time
@@ -12,8 +14,8 @@ from typing import Any
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSHeader, DNSRecord, EDNS0
 
-from egressd.core.dnsmsg import Query
-from egressd.shim import DnsShim, ShimAction
+from egressd.core.dnsmsg import Query, parse_query
+from egressd.shim import DnsShim, ShimAction, _UpstreamPool
 
 LOCAL = "127.0.0.1"
 
@@ -241,6 +243,26 @@ async def test_upstream_ids_and_ports_are_fresh(env: Env) -> None:
     ids = {req.header.id for req, _ in up.udp_queries}
     ports = {addr[1] for _, addr in up.udp_queries}
     assert len(ids) >= 3 and len(ports) >= 3  # random: a repeat is possible, three is not
+
+
+async def test_upstream_sockets_are_closed_under_concurrent_load(env: Env) -> None:
+    """Queries that reach one pool slot while its socket is still being made each make one; the
+    slot keeps one and the others serve their query and are closed (an orphan used to stay open
+    for ever: 400 leaked sockets per 20,000 unique names under dnsperf)."""
+    up = await env.upstream(answers_with("192.0.2.1"))
+    pool = _UpstreamPool(up.addr, 2, collections.Counter())
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    for round_ in range(4):  # 4 x 100 at once on 2 slots: concurrent makes, and rotations (64 uses)
+        got = await asyncio.gather(*(pool.exchange(parse_query(query(f"n{round_}-{i}.example")), 2.0)
+                                     for i in range(100)))
+        assert all(info.rcode == 0 for info, _wire in got)
+    await asyncio.sleep(0.05)
+    assert fds() - before <= 2  # one open socket per slot at most
+    pool.close()
+    await asyncio.sleep(0.05)
+    assert fds() == before
+    assert len(up.udp_queries) == 400
 
 
 async def test_program_completes_before_the_answer_is_released(env: Env) -> None:

@@ -249,7 +249,7 @@ class BenchLab:
     def start_daemon(self, timeout: float = 60.0) -> float:
         """Start egressd in the node namespace; seconds until READY=1."""
         assert self.config is not None
-        self.daemon = DaemonProc(self.lab, self.config)
+        self.daemon = DaemonProc(self.lab, self.config, python=os.environ.get("EGRESSD_BENCH_PYTHON"))
         ready = self.daemon.start(timeout=timeout)
         self._drainer = _NotifyDrainer(self.daemon)
         return ready

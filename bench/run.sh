@@ -24,5 +24,12 @@ fi
 if [[ " $* " == *" --profile "* || " $* " == *"profile"* ]] && [ ! -x "$top/.venv/bin/py-spy" ]; then
   "$top/.venv/bin/pip" install -q py-spy
 fi
+# The daemon under test runs from a venv that holds egressd's runtime dependencies only, as
+# scripts/install.sh installs it: the test extras in .venv (rich and pygments, via schemathesis,
+# which structlog imports when present) would add ~4 MB to the RSS that benchmark f measures.
+dv="$top/bench/.venv-daemon"
+[ -x "$dv/bin/python" ] || "$top/.venv/bin/python" -m venv "$dv"
+"$dv/bin/pip" install -q --disable-pip-version-check --upgrade "$top"
+export EGRESSD_BENCH_PYTHON="$dv/bin/python"
 cd "$top"
 exec .venv/bin/python bench/run.py "$@"

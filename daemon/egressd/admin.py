@@ -179,6 +179,12 @@ class Admin:
     async def reload_baked(self, baked: Baked) -> None:
         """SIGHUP: new baked objects under the same pushed ones, applied whole or not at all."""
         async with self._lock:
+            for pid, pol in baked.policies.items():
+                # An unchanged policy keeps its object: the engine then reuses its compiled form
+                # and the workspace's cached IPs as they are, instead of checking each one again.
+                same = self.baked.policies.get(pid)
+                if same is not None and same == pol:
+                    baked.policies[pid] = same
             eff = self._merge(self.pushed, baked)
             self.engine.apply(eff.state(), reason="sighup")
             self.baked, self.effective = baked, eff

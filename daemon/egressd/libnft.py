@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import nftables
@@ -22,12 +24,20 @@ RELEASE_AFTER = 256 * 1024
 _CACHE_RESET = "list table inet egressd-release-cache"
 
 
+@functools.cache
+def _libc_trim() -> Callable[[int], int] | None:
+    # Looked up once: find_library runs ldconfig in a subprocess.
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
 def malloc_trim() -> None:
     """Return glibc's free heap pages to the kernel (after big Python objects were freed)."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Nft:
@@ -54,13 +64,16 @@ class Nft:
         self._nft.cmd(_CACHE_RESET)
         malloc_trim()
 
-    def list_json(self, what: str) -> list[dict[str, Any]]:
-        """`list …` as parsed JSON objects (metainfo dropped); [] when the object does not exist."""
+    def list_json(self, what: str, *, terse: bool = False) -> list[dict[str, Any]]:
+        """`list …` as parsed JSON objects (metainfo dropped); [] when the object does not exist.
+        terse: sets without their elements (`nft -t`)."""
         self._nft.set_json_output(True)
+        self._nft.set_terse_output(terse)
         try:
             rc, out, err = self._nft.cmd(f"list {what}")
         finally:
             self._nft.set_json_output(False)
+            self._nft.set_terse_output(False)
         if rc != 0:
             if "No such file or directory" in err:
                 return []

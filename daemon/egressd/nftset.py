@@ -14,7 +14,7 @@ import socket
 import struct
 from collections.abc import Iterable, Mapping
 
-from .core.nfmsg import Element, add_batch, parse_acks
+from .core.nfmsg import DumpedElement, DumpError, Element, add_batch, getsetelem_dump, parse_acks, parse_setelem_dump
 from .errors import ApplyError
 
 TABLE = "egressd"  # of family inet
@@ -26,35 +26,39 @@ _RECV = 256 * 1024
 
 
 class NftSetError(ApplyError):
-    """A batch the kernel refused (nothing of it applied). errno and set name of the first error."""
+    """A batch the kernel refused (nothing of it applied), or a set that could not be read back.
+    errno and set name of the first error."""
 
-    def __init__(self, set_name: str, err: int) -> None:
+    def __init__(self, set_name: str, err: int, doing: str = "adding elements to") -> None:
         self.set_name = set_name
         self.errno = err
-        super().__init__(f"adding elements to set inet {TABLE} {set_name}: "
+        super().__init__(f"{doing} set inet {TABLE} {set_name}: "
                          f"{errno.errorcode.get(err, err)} ({os.strerror(err)})")
+
+
+def _open(timeout: float) -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    try:
+        s.bind((0, 0))
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            s.setsockopt(socket.SOL_SOCKET, opt, _BUF)
+        try:
+            s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        except OSError:
+            pass
+        # The kernel enforces the receive timeout (SO_RCVTIMEO): a Python-level timeout would
+        # poll() before every send and receive, two more system calls per batch.
+        sec = int(timeout)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, int((timeout - sec) * 1e6)))
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 class NftSetWriter:
     def __init__(self, *, timeout: float = 2.0) -> None:
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-        try:
-            s.bind((0, 0))
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                s.setsockopt(socket.SOL_SOCKET, opt, _BUF)
-            try:
-                s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            except OSError:
-                pass
-            # The kernel enforces the receive timeout (SO_RCVTIMEO): a Python-level timeout would
-            # poll() before every send and receive, two more system calls per batch.
-            sec = int(timeout)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                         struct.pack("ll", sec, int((timeout - sec) * 1e6)))
-        except BaseException:
-            s.close()
-            raise
-        self._sock = s
+        self._sock = _open(timeout)
         self._seq = int.from_bytes(os.urandom(2), "little") << 8
         self._dirty = False  # replies of a timed-out batch may still arrive
 
@@ -93,6 +97,32 @@ class NftSetWriter:
         if first is not None:
             raise NftSetError(*first)
         return len(batch.acks)
+
+    def dump(self, set_name: str) -> list[DumpedElement]:
+        """Every element of set inet egressd ``set_name``: one GETSETELEM dump, with no libnftables
+        cache and no JSON, so reading 100,000 elements back costs little more than the elements
+        themselves. Raises NftSetError (ENOENT when there is no such set, ETIMEDOUT when the
+        kernel stays silent)."""
+        if self._dirty:
+            self._drain()
+        seq = self._seq
+        self._seq = (seq + 1) & 0xFFFFFFFF or 1
+        self._sock.sendall(getsetelem_dump(TABLE, set_name, seq))
+        out: list[DumpedElement] = []
+        done = False
+        while not done:
+            try:
+                data = self._sock.recv(_RECV)
+            except (BlockingIOError, TimeoutError) as e:
+                self._dirty = True
+                raise NftSetError(set_name, errno.ETIMEDOUT, "reading") from e
+            try:
+                els, done = parse_setelem_dump(data, seq)
+            except DumpError as e:
+                self._dirty = True  # the rest of a malformed dump may still come
+                raise NftSetError(set_name, e.errno or errno.EPROTO, "reading") from e
+            out += els
+        return out
 
     def _drain(self) -> None:
         """Drop stale replies (of a batch given up on after a timeout) before a new one."""

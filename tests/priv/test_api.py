@@ -16,7 +16,7 @@ from egressd.api.server import make_app
 from egressd.baked import Baked
 from egressd.core.config import config_from_dict
 from egressd.core.policy import default_policy, parse_policy
-from egressd.engine import Engine
+from egressd.engine import Engine, Target
 from egressd.lab import world
 from egressd.statestore import StateStore
 
@@ -270,3 +270,16 @@ async def test_unknown_route_and_method(api):
     assert s == 404 and body["error_code"] == "RESOURCE_DOES_NOT_EXIST"
     s, body = await api.call("PATCH", f"{P}/network-policies/x", {})
     assert s == 405
+
+
+async def test_reload_keeps_unchanged_policy_objects_and_their_cached_ips(api, tmp_path):
+    """SIGHUP re-reads the image's policies: an equal one keeps its object, so the engine reuses
+    its compiled form and the workspace's cached IPs without checking them again."""
+    engine = api.admin.engine
+    before = api.admin.effective.policies["restricted-etl"][0]
+    await engine.program(Target("1001", "pypi.org"), (("198.51.100.77", 60),))
+    table = engine.cache._ws["1001"]
+    await api.admin.reload_baked(make_baked(tmp_path))
+    assert api.admin.effective.policies["restricted-etl"][0] is before
+    assert engine.cache._ws["1001"] is table
+    assert "198.51.100.77" in api.ns.ruleset()

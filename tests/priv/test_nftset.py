@@ -40,7 +40,9 @@ def elements(ns, set_name: str) -> dict[str, dict]:
                          capture_output=True, text=True, check=True).stdout
     for o in json.loads(out)["nftables"]:
         if "set" in o:
-            return {e["elem"]["val"]: e["elem"] for e in o["set"].get("elem", [])}
+            # An element with neither timeout nor comment is listed as its bare value.
+            return {e["elem"]["val"] if isinstance(e, dict) else e: e["elem"] if isinstance(e, dict) else {}
+                    for e in o["set"].get("elem", [])}
     return {}
 
 
@@ -89,6 +91,51 @@ def test_missing_set_is_a_clear_error_and_changes_nothing(scratch_ns, writer):
     scratch_ns.nft.run(SETS)
     writer.add({"ws_a_dyn4": [Element("192.0.2.7", 30, "ok.example")]})
     assert set(elements(scratch_ns, "ws_a_dyn4")) == {"192.0.2.7"}
+
+
+def test_dump_reads_back_what_nft_lists(scratch_ns, writer):
+    scratch_ns.nft.run(SETS)
+    v4 = [Element(str(ipaddress.ip_address("198.51.100.0") + i), 100 + i, f"n{i}.example") for i in range(200)]
+    v4 += [Element(str(ipaddress.ip_address("203.0.113.0") + i), 3600, "") for i in range(200)]
+    writer.add({"ws_a_dyn4": v4, "ws_a_dyn6": [Element("2001:db8::5", 61, "v6.example")]})
+    scratch_ns.nft.run("add element inet egressd ws_a_dyn4 { 192.0.2.99 }")  # no timeout at all
+    listed = elements(scratch_ns, "ws_a_dyn4")
+    dumped = {d.ip: d for d in writer.dump("ws_a_dyn4")}  # 401 elements: several dump replies
+    assert set(dumped) == set(listed) and len(dumped) == 401
+    for ip, e in listed.items():
+        d = dumped[ip]
+        assert d.comment == e.get("comment", "")
+        if "expires" in e:
+            assert abs(d.expires_ms / 1000 - e["expires"]) < 2
+        else:
+            assert d.expires_ms is None
+    assert [(d.ip, d.comment) for d in writer.dump("ws_a_dyn6")] == [("2001:db8::5", "v6.example")]
+    with pytest.raises(NftSetError) as ei:
+        writer.dump("ws_gone_dyn4")
+    assert ei.value.errno == 2 and "reading set inet egressd ws_gone_dyn4" in str(ei.value)
+    writer.add({"ws_a_dyn6": [Element("2001:db8::6", 61, "v6.example")]})  # the socket still works
+    assert len(writer.dump("ws_a_dyn6")) == 2
+
+
+def test_adopt_through_the_dump_matches_the_json_listing(scratch_ns, writer):
+    cfg = config_from_dict({"dns": {"upstreams": ["203.0.113.2"]}})
+    first = Engine(cfg, scratch_ns.nft)
+    first.apply(_state(), reason="test")
+    v4 = [f"{net}.{i}" for net in ("192.0.2", "198.51.100", "203.0.113") for i in range(1, 251)]
+    first.nft.run("add element inet egressd ws_1001_dyn4 { " + ", ".join(
+        f"{ip} timeout 300s comment \"h{i}.githubusercontent.com\"" for i, ip in enumerate(v4)) + " }")
+    first.nft.run("add element inet egressd ws_1001_dyn6 { " + ", ".join(
+        f"2001:db8::{i:x} timeout 90s comment \"pypi.org\"" for i in range(1, 2252)) + " }")
+    by_json, by_dump = Engine(cfg, scratch_ns.nft), Engine(cfg, scratch_ns.nft, nftset=writer)
+    assert by_json.adopt() == by_dump.adopt() == 3001
+    assert by_json.generation == by_dump.generation == first.generation
+    now = by_json.clock()
+    for ws in ("1001",):
+        a = {e.ip: e for e in by_json.cache.entries(ws, now)}
+        b = {e.ip: e for e in by_dump.cache.entries(ws, now)}
+        assert set(a) == set(b) and len(a) == 3001
+        assert all(a[ip].name == b[ip].name and abs(a[ip].expires - b[ip].expires) < 2 for ip in a)
+    assert b["2001:db8::7"].name == "pypi.org" and b["203.0.113.250"].name == "h749.githubusercontent.com"
 
 
 # --- Engine.program over the writer --------------------------------------------------------------

@@ -90,3 +90,99 @@ def test_parse_acks() -> None:
     err = HDR.pack(36, 2, 0, 6, 0) + struct.pack("=i", -2) + HDR.pack(16, 0xA0C, 5, 6, 0)
     other = HDR.pack(20, 0xA0C, 0, 9, 0) + b"\0" * 4
     assert parse_acks(ack + other + err) == [(5, 0), (6, 2)]
+
+
+# --- GETSETELEM dump: request and the parser of its replies ---------------------------------------
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egressd.core.nfmsg import DumpError, DumpedElement, getsetelem_dump, parse_setelem_dump
+
+_NEW = (nfmsg.NFNL_SUBSYS_NFTABLES << 8) | nfmsg.NFT_MSG_NEWSETELEM
+
+
+def _reply(seq: int, elements: list[tuple[str, int | None, str]]) -> bytes:
+    """A NEWSETELEM reply as the kernel dumps it: key, timeout, expiration and the comment."""
+    parts = b""
+    for ip, expires_ms, comment in elements:
+        el = nfmsg.element_attr(Element(ip, 60, comment))
+        if expires_ms is not None:  # the kernel adds NFTA_SET_ELEM_EXPIRATION
+            extra = nfmsg._attr(nfmsg.NFTA_SET_ELEM_EXPIRATION, struct.pack(">Q", expires_ms))
+            length = struct.unpack_from("=H", el)[0] + len(extra)
+            el = struct.pack("=HH", length, nfmsg.NFTA_LIST_ELEM | nfmsg.NLA_F_NESTED) + el[4:] + extra
+        parts += el
+    attrs_ = nfmsg._prefix("egressd", "ws_a_dyn4") + nfmsg._nest(nfmsg.NFTA_SET_ELEM_LIST_ELEMENTS, parts)
+    return nfmsg._message(_NEW, 2, seq, nfmsg.NFPROTO_INET, 0, attrs_)
+
+
+def _done(seq: int) -> bytes:
+    return HDR.pack(HDR.size + 4, nfmsg.NLMSG_DONE, 2, seq, 0) + b"\0" * 4
+
+
+def test_dump_request_names_table_and_set() -> None:
+    [(mtype, flags, seq, payload)] = messages(getsetelem_dump("egressd", "ws_a_dyn4", 77))
+    assert mtype == (10 << 8) | 13 and flags == 0x301 and seq == 77
+    assert attrs(payload[4:]) == [(1, b"egressd\0"), (2, b"ws_a_dyn4\0")]
+
+
+def test_dump_replies_parse_to_elements_until_done() -> None:
+    one = _reply(9, [("192.0.2.1", 29_500, "a.example"), ("2001:db8::1", None, "")])
+    two = _reply(9, [("198.51.100.7", 1, "b.example")])
+    els, done = parse_setelem_dump(one, 9)
+    assert els == [DumpedElement("192.0.2.1", 29_500, "a.example"), DumpedElement("2001:db8::1", None, "")]
+    assert not done
+    els, done = parse_setelem_dump(two + _done(9), 9)
+    assert els == [DumpedElement("198.51.100.7", 1, "b.example")] and done
+    # Replies to another request are not ours.
+    assert parse_setelem_dump(_reply(8, [("192.0.2.9", 5, "x")]), 9) == ([], False)
+
+
+def test_dump_error_reply_carries_errno() -> None:
+    err = HDR.pack(HDR.size + 4 + HDR.size, nfmsg.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", -2) + b"\0" * HDR.size
+    try:
+        parse_setelem_dump(err, 5)
+    except DumpError as e:
+        assert e.errno == 2
+    else:
+        raise AssertionError("an error reply must raise")
+
+
+def test_truncated_reply_is_a_dump_error() -> None:
+    data = _reply(3, [("192.0.2.1", 100, "a.example")])
+    for cut in (len(data) - 1, len(data) - 9):
+        try:
+            parse_setelem_dump(data[:cut], 3)
+        except DumpError:
+            continue
+        raise AssertionError(f"cut at {cut} must raise")
+    bad = bytearray(data)
+    struct.pack_into("=H", bad, HDR.size + 4 + 12 + 16, 0xFFF0)  # the element list's length
+    try:
+        parse_setelem_dump(bytes(bad), 3)
+    except DumpError:
+        pass
+    else:
+        raise AssertionError("an attribute overrunning its message must raise")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600), st.integers(0, 0xFFFFFFFF))
+def test_garbage_is_a_dump_error_or_nothing(data: bytes, seq: int) -> None:
+    try:
+        els, _done = parse_setelem_dump(data, seq)
+    except DumpError:
+        return
+    assert all(isinstance(e, DumpedElement) for e in els)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=200), st.integers(0, 400))
+def test_mutated_replies_never_raise_anything_else(noise: bytes, at: int) -> None:
+    data = bytearray(_reply(4, [("192.0.2.1", 100, "a.example"), ("2001:db8::2", 7, "b.example")]) + _done(4))
+    at %= len(data)
+    data[at : at + len(noise)] = noise[: len(data) - at]
+    try:
+        parse_setelem_dump(bytes(data), 4)
+    except DumpError:
+        pass

@@ -105,6 +105,12 @@ class IpCache:
         ips = self._ws.setdefault(workspace, {})
         ips[ip] = _with(ips.get(ip), name, expires)
 
+    def share(self, other: "IpCache", workspace: str) -> None:
+        """Take ``other``'s entries of a workspace as they are: the same table, not a copy, so
+        ``other`` must not be changed afterwards (the engine drops it once the new one is live)."""
+        if workspace in other._ws:
+            self._ws[workspace] = other._ws[workspace]
+
     def retain(self, workspace: str, keep: Callable[[str], bool]) -> int:
         """Forget the names for which keep(name) is false; returns how many IPs were withdrawn."""
         ips = self._ws.get(workspace, {})

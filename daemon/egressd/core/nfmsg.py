@@ -21,13 +21,16 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWSETELEM = 12
+NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
 NFPROTO_INET = 1
 
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
+NLMSG_DONE = 3
 NLA_F_NESTED = 0x8000
 
 NFTA_SET_ELEM_LIST_TABLE = 1
@@ -36,6 +39,7 @@ NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_TIMEOUT = 4
+NFTA_SET_ELEM_EXPIRATION = 5
 NFTA_SET_ELEM_USERDATA = 6
 NFTA_DATA_VALUE = 1
 NFTNL_UDATA_SET_ELEM_COMMENT = 0
@@ -190,3 +194,100 @@ def parse_acks(data: bytes) -> list[tuple[int, int]]:
             out.append((seq, -err))
         off += (length + 3) & ~3
     return out
+
+
+# --- reading a set back (Engine.adopt): a GETSETELEM dump, parsed without libnftables' JSON ---
+
+
+class DumpError(ValueError):
+    """A dump reply that is not what a GETSETELEM dump sends (or an error the kernel sent back)."""
+
+    def __init__(self, message: str, err: int = 0) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+@dataclass(frozen=True)
+class DumpedElement:
+    ip: str
+    #: Milliseconds until the kernel drops it (None for an element without a timeout).
+    expires_ms: int | None
+    comment: str
+
+
+def getsetelem_dump(table: str, set_name: str, seq: int) -> bytes:
+    """The request for every element of one set of an inet table."""
+    return _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, seq, NFPROTO_INET, 0, _prefix(table, set_name))
+
+
+def _attrs(data: bytes, off: int, end: int) -> Iterable[tuple[int, int, int]]:
+    """(type without flags, payload start, payload end) of each attribute in data[off:end]."""
+    while off + _NLA.size <= end:
+        length, atype = _NLA.unpack_from(data, off)
+        if length < _NLA.size or off + length > end:
+            raise DumpError(f"attribute of length {length} at {off} overruns its message")
+        yield atype & 0x3FFF, off + _NLA.size, off + length
+        off += (length + 3) & ~3
+
+
+def _comment(data: bytes, start: int, end: int) -> str:
+    """The element comment from nftables' user data TLVs (type, length, value...)."""
+    off = start
+    while off + 2 <= end:
+        utype, ulen = data[off], data[off + 1]
+        if off + 2 + ulen > end:
+            break
+        if utype == NFTNL_UDATA_SET_ELEM_COMMENT:
+            return data[off + 2 : off + 2 + ulen].split(b"\0", 1)[0].decode("utf-8", "replace")
+        off += 2 + ulen
+    return ""
+
+
+def _element(data: bytes, start: int, end: int) -> DumpedElement | None:
+    ip: str | None = None
+    expires: int | None = None
+    comment = ""
+    for atype, a, b in _attrs(data, start, end):
+        if atype == NFTA_SET_ELEM_KEY:
+            for vtype, va, vb in _attrs(data, a, b):
+                if vtype == NFTA_DATA_VALUE and vb - va in (4, 16):
+                    ip = socket.inet_ntop(socket.AF_INET if vb - va == 4 else socket.AF_INET6, data[va:vb])
+        elif atype == NFTA_SET_ELEM_EXPIRATION and b - a == 8:
+            (expires,) = _BE64.unpack_from(data, a)
+        elif atype == NFTA_SET_ELEM_USERDATA:
+            comment = _comment(data, a, b)
+    return None if ip is None else DumpedElement(ip, expires, comment)
+
+
+def parse_setelem_dump(data: bytes, seq: int) -> tuple[list[DumpedElement], bool]:
+    """The elements in one buffer of dump replies to request ``seq``, and whether the dump is done.
+    Raises DumpError for an error reply (errno set) or a malformed message."""
+    out: list[DumpedElement] = []
+    done = False
+    off = 0
+    new_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
+    while off + _NLMSG.size <= len(data):
+        length, mtype, _flags, mseq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size or off + length > len(data):
+            raise DumpError(f"netlink message of length {length} at {off} overruns the buffer")
+        end = off + length
+        if mseq == seq:
+            if mtype == NLMSG_ERROR:
+                (err,) = _ERR.unpack_from(data, off + _NLMSG.size) if length >= _NLMSG.size + 4 else (0,)
+                if err:
+                    raise DumpError(f"kernel refused the dump: errno {-err}", -err)
+                done = True
+            elif mtype == NLMSG_DONE:
+                done = True
+            elif mtype == new_type:
+                body = off + _NLMSG.size + _NFGEN.size
+                for atype, a, b in _attrs(data, body, end):
+                    if atype != NFTA_SET_ELEM_LIST_ELEMENTS:
+                        continue
+                    for etype, ea, eb in _attrs(data, a, b):
+                        if etype == NFTA_LIST_ELEM:
+                            el = _element(data, ea, eb)
+                            if el is not None:
+                                out.append(el)
+        off += (length + 3) & ~3
+    return out, done

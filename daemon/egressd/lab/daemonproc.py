@@ -16,8 +16,11 @@ class DaemonStartError(RuntimeError):
 
 
 class DaemonProc:
-    def __init__(self, lab, config: Path, *, name: str = "egressd") -> None:
+    def __init__(self, lab, config: Path, *, name: str = "egressd", python: str | None = None) -> None:
         self.lab = lab
+        #: The interpreter to run egressd with (default: this one). The benchmarks pass a venv
+        #: holding egressd's runtime dependencies only, as scripts/install.sh installs it.
+        self.python = python or sys.executable
         self.config = Path(config)
         self.log_path = Path(lab.tmpdir) / f"{name}.log"
         self.notify_path = Path(lab.tmpdir) / f"{name}.notify"
@@ -36,7 +39,7 @@ class DaemonProc:
         t0 = time.monotonic()
         self.proc = self.lab.popen(
             self.lab.node_ns,
-            [sys.executable, "-m", "egressd.cli", "run", "--config", str(self.config)],
+            [self.python, "-m", "egressd.cli", "run", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

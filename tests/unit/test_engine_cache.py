@@ -1,0 +1,97 @@
+"""Engine.apply and the IP cache: an unchanged compiled policy keeps a workspace's entries as they
+are (shared, not copied), a changed one withdraws what it no longer allows, and a failed apply
+leaves the cache it had. The kernel side is a recording stand-in: this is about the engine's state."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+
+from egressd.core.config import config_from_dict
+from egressd.core.policy import default_policy, parse_policy
+from egressd.core.workloads import Workload
+from egressd.engine import Engine, State, Target
+from egressd.errors import ApplyError
+from egressd.lab import world
+
+
+class _Nft:
+    def __init__(self) -> None:
+        self.scripts: list[str] = []
+        self.fail = False
+
+    def run(self, script: str) -> None:
+        if self.fail:
+            raise ApplyError("refused")
+        self.scripts.append(script)
+
+
+def _wl(i: int, ws: str = "1001") -> Workload:
+    return Workload(f"w{i}", ws, "GENERAL_COMPUTE", (ipaddress.ip_network(f"10.77.1.{i}/32"),))
+
+
+def _state(policies: dict, n: int = 1) -> State:
+    return State(policies, {"1001": "restricted-etl"}, tuple(_wl(i) for i in range(1, n + 1)))
+
+
+@pytest.fixture
+def engine() -> tuple[Engine, _Nft, dict]:
+    nft = _Nft()
+    e = Engine(config_from_dict({"dns": {"upstreams": ["203.0.113.2"]}}), nft=nft,  # type: ignore[arg-type]
+               clock=lambda: 1000.0)
+    policies = {"default-policy": default_policy(), "restricted-etl": parse_policy(world.policy("restricted-etl"))}
+    e.apply(_state(policies), reason="test")
+    for i, name in enumerate(("pypi.org", "a.githubusercontent.com", "docs.pypi.org")):
+        asyncio.run(e.program(Target("1001", name), ((f"198.51.100.{i + 1}", 60),)))
+    return e, nft, policies
+
+
+def _names(e: Engine) -> dict[str, str]:
+    return {x.ip: x.name for x in e.cache.entries("1001", e.clock())}
+
+
+def test_same_policy_keeps_the_entries_without_copying(engine) -> None:
+    e, nft, policies = engine
+    table = e.cache._ws["1001"]
+    e.apply(_state(policies, n=50), reason="more workloads")
+    assert e.cache._ws["1001"] is table
+    assert _names(e) == {"198.51.100.1": "pypi.org", "198.51.100.2": "a.githubusercontent.com",
+                         "198.51.100.3": "docs.pypi.org"}
+    assert "198.51.100.2" in nft.scripts[-1]  # rendered into the new table too
+
+
+def test_changed_policy_withdraws_what_it_no_longer_allows(engine) -> None:
+    e, nft, policies = engine
+    doc = world.policy("restricted-etl")
+    allowed = doc["egress"]["network_access"]["allowed_internet_destinations"]
+    doc["egress"]["network_access"]["allowed_internet_destinations"] = [
+        d for d in allowed if d["destination"] != "*.githubusercontent.com"]
+    table = e.cache._ws["1001"]
+    e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="narrower")
+    assert e.cache._ws["1001"] is not table
+    assert _names(e) == {"198.51.100.1": "pypi.org", "198.51.100.3": "docs.pypi.org"}
+    assert "198.51.100.2" not in nft.scripts[-1]
+
+
+def test_an_equal_policy_object_is_not_the_same_compiled_policy(engine) -> None:
+    # A re-parsed, equal policy compiles anew (the engine caches by identity), so its entries are
+    # checked again rather than shared; the admin keeps unchanged baked objects to avoid this.
+    e, _nft, policies = engine
+    table = e.cache._ws["1001"]
+    e.apply(_state({**policies, "restricted-etl": parse_policy(world.policy("restricted-etl"))}), reason="reparsed")
+    assert e.cache._ws["1001"] is not table and len(_names(e)) == 3
+
+
+def test_failed_apply_leaves_the_cache_and_generation(engine) -> None:
+    e, nft, policies = engine
+    cache, gen = e.cache, e.generation
+    nft.fail = True
+    with pytest.raises(ApplyError):
+        e.apply(_state(policies, n=5), reason="fails")
+    assert e.cache is cache and e.generation == gen and len(_names(e)) == 3
+    nft.fail = False
+    asyncio.run(e.program(Target("1001", "files.pythonhosted.org"), (("198.51.100.9", 60),)))
+    e.apply(_state(policies, n=5), reason="works")
+    assert len(_names(e)) == 4

@@ -34,7 +34,7 @@ from .core.workloads import Workload
 from .core.nfmsg import Element
 from .errors import ApplyError
 from .libnft import Nft, malloc_trim
-from .nftset import NftSetWriter
+from .nftset import NftSetError, NftSetWriter
 from .shim import ShimAction
 
 log = structlog.get_logger("egressd.engine")
@@ -153,11 +153,18 @@ class Engine:
                 continue
             ws = s["name"][3:-5]
             if self.nftset is not None:
-                for d in self.nftset.dump(s["name"]):
-                    if d.expires_ms is not None:
-                        self.cache.adopt(ws, d.ip, d.comment, now + d.expires_ms / 1000)
-                        adopted += 1
-                continue
+                try:
+                    dumped = self.nftset.dump(s["name"])
+                except NftSetError as e:
+                    log.warning("adopt_dump_failed", set=s["name"], error=str(e), fallback="libnftables listing")
+                else:
+                    for d in dumped:
+                        if d.expires_ms is not None:
+                            self.cache.adopt(ws, d.ip, d.comment, now + d.expires_ms / 1000)
+                            adopted += 1
+                    continue
+                listed = self.nft.list_json(f"set inet egressd {s['name']}")
+                s = next((o["set"] for o in listed if "set" in o), s)
             for el in s.get("elem", []):
                 e = el.get("elem") if isinstance(el, dict) else None
                 if not e or "expires" not in e:

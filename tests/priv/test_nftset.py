@@ -138,6 +138,25 @@ def test_adopt_through_the_dump_matches_the_json_listing(scratch_ns, writer):
     assert b["2001:db8::7"].name == "pypi.org" and b["203.0.113.250"].name == "h749.githubusercontent.com"
 
 
+def test_adopt_falls_back_to_a_listing_when_the_dump_fails(scratch_ns, writer):
+    class Failing(NftSetWriter):
+        def __init__(self) -> None:  # no socket: dump() always fails
+            pass
+
+        def dump(self, set_name):
+            raise NftSetError(set_name, 71, "reading")  # EPROTO
+
+    cfg = config_from_dict({"dns": {"upstreams": ["203.0.113.2"]}})
+    first = Engine(cfg, scratch_ns.nft)
+    first.apply(_state(), reason="test")
+    first.nft.run("add element inet egressd ws_1001_dyn4 { 192.0.2.5 timeout 300s comment \"pypi.org\", "
+                  "198.51.100.6 timeout 60s comment \"docs.pypi.org\" }")
+    e = Engine(cfg, scratch_ns.nft, nftset=Failing())
+    assert e.adopt() == 2 and e.generation == first.generation
+    assert {x.ip: x.name for x in e.cache.entries("1001", e.clock())} == {
+        "192.0.2.5": "pypi.org", "198.51.100.6": "docs.pypi.org"}
+
+
 # --- Engine.program over the writer --------------------------------------------------------------
 
 class CountingWriter(NftSetWriter):

@@ -148,6 +148,17 @@ def test_dump_error_reply_carries_errno() -> None:
         raise AssertionError("an error reply must raise")
 
 
+def test_interrupted_dump_is_a_dump_error() -> None:
+    data = bytearray(_reply(6, [("192.0.2.1", 100, "a.example")]))
+    struct.pack_into("=H", data, 6, 2 | nfmsg.NLM_F_DUMP_INTR)  # nlmsg_flags: NLM_F_MULTI | DUMP_INTR
+    try:
+        parse_setelem_dump(bytes(data), 6)
+    except DumpError as e:
+        assert "changed during the dump" in str(e)
+    else:
+        raise AssertionError("an interrupted dump must raise")
+
+
 def test_truncated_reply_is_a_dump_error() -> None:
     data = _reply(3, [("192.0.2.1", 100, "a.example")])
     for cut in (len(data) - 1, len(data) - 9):

@@ -31,6 +31,7 @@ NLM_F_DUMP = 0x300
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
+NLM_F_DUMP_INTR = 0x10
 NLA_F_NESTED = 0x8000
 
 NFTA_SET_ELEM_LIST_TABLE = 1
@@ -267,10 +268,12 @@ def parse_setelem_dump(data: bytes, seq: int) -> tuple[list[DumpedElement], bool
     off = 0
     new_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
     while off + _NLMSG.size <= len(data):
-        length, mtype, _flags, mseq, _pid = _NLMSG.unpack_from(data, off)
+        length, mtype, flags, mseq, _pid = _NLMSG.unpack_from(data, off)
         if length < _NLMSG.size or off + length > len(data):
             raise DumpError(f"netlink message of length {length} at {off} overruns the buffer")
         end = off + length
+        if mseq == seq and flags & NLM_F_DUMP_INTR:
+            raise DumpError("the set changed during the dump (NLM_F_DUMP_INTR)")
         if mseq == seq:
             if mtype == NLMSG_ERROR:
                 (err,) = _ERR.unpack_from(data, off + _NLMSG.size) if length >= _NLMSG.size + 4 else (0,)

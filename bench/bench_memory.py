@@ -8,7 +8,11 @@ from w1 through the shim with dnsperf (every answer a new IP in workspace 1001's
 RSS; then 10,000 more ``[[workloads]]`` (spread over 100 workspaces bound to the restricted
 policy) appended to the config and applied by SIGHUP: time and RSS (the figure); one more
 workload over the API (time); a short unique-names dnsperf with the workloads registered; and a
-restart that adopts it all (time to READY, RSS)."""
+restart that adopts it all (time to READY, RSS).
+
+bench/run.sh runs the daemon from bench/.venv-daemon (runtime dependencies only, as
+scripts/install.sh installs them) through EGRESSD_BENCH_PYTHON; run directly without it, the daemon
+runs on this interpreter, whose test extras add about 4 MB."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import asyncio
 import ipaddress
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -135,8 +135,9 @@ class Engine:
         timeout-set entries. Returns the number of entries adopted.
 
         The sets are listed without their elements (terse); each dynamic set's elements are then
-        read by a netlink dump when the raw writer is there. A JSON listing of 100,000 elements
-        held ~150 MB at its peak and left the daemon's heap fragmented at twice its size."""
+        read by a netlink dump when the raw writer is there. With the whole table as JSON, a
+        restart adopting ~138,000 IPs left the daemon at 203 MB RSS; by dump, ~120,000 left it at
+        108-116 MB (bench/bench_memory.py)."""
         objs = self.nft.list_json("sets table inet egressd", terse=self.nftset is not None)
         now = self.clock()
         adopted = 0
@@ -152,28 +153,30 @@ class Engine:
             if not s or not s["name"].startswith("ws_") or s["name"][-5:] not in ("_dyn4", "_dyn6"):
                 continue
             ws = s["name"][3:-5]
-            if self.nftset is not None:
-                try:
-                    dumped = self.nftset.dump(s["name"])
-                except NftSetError as e:
-                    log.warning("adopt_dump_failed", set=s["name"], error=str(e), fallback="libnftables listing")
-                else:
-                    for d in dumped:
-                        if d.expires_ms is not None:
-                            self.cache.adopt(ws, d.ip, d.comment, now + d.expires_ms / 1000)
-                            adopted += 1
-                    continue
-                listed = self.nft.list_json(f"set inet egressd {s['name']}")
-                s = next((o["set"] for o in listed if "set" in o), s)
-            for el in s.get("elem", []):
-                e = el.get("elem") if isinstance(el, dict) else None
-                if not e or "expires" not in e:
-                    continue
-                self.cache.adopt(ws, str(e["val"]), str(e.get("comment", "")), now + float(e["expires"]))
+            for ip, name, expires_s in self._live_elements(s):
+                self.cache.adopt(ws, ip, name, now + expires_s)
                 adopted += 1
         del objs
         malloc_trim()
         return adopted
+
+    def _live_elements(self, s: dict) -> Iterator[tuple[str, str, float]]:
+        """(ip, comment, seconds left) of each timeout element of a listed set: by netlink dump
+        when the raw writer is there, else (or if the dump fails) from a libnftables listing."""
+        if self.nftset is not None:
+            try:
+                dumped = self.nftset.dump(s["name"])
+            except NftSetError as e:
+                log.warning("adopt_dump_failed", set=s["name"], error=str(e), fallback="libnftables listing")
+                listed = self.nft.list_json(f"set inet egressd {s['name']}")
+                s = next((o["set"] for o in listed if "set" in o), s)
+            else:
+                yield from ((d.ip, d.comment, d.expires_ms / 1000) for d in dumped if d.expires_ms is not None)
+                return
+        for el in s.get("elem", []):
+            e = el.get("elem") if isinstance(el, dict) else None
+            if e and "expires" in e:
+                yield str(e["val"]), str(e.get("comment", "")), float(e["expires"])
 
     def apply(self, state: State, *, reason: str) -> int:
         """Validate, render and apply a new state as one transaction. Raises ValidationError or
@@ -229,7 +232,7 @@ class Engine:
             if wp is None or not wp.restricted:
                 continue
             was = before.get(ws)
-            if was is not None and was.restricted and was.compiled is wp.compiled:
+            if was is not None and was.compiled is wp.compiled:
                 # The same compiled policy decides the same: every entry stays, and the new cache
                 # takes the workspace's table as it is (no copy of 100,000 entries per apply).
                 cache.share(self.cache, ws)

@@ -272,9 +272,9 @@ def parse_setelem_dump(data: bytes, seq: int) -> tuple[list[DumpedElement], bool
         if length < _NLMSG.size or off + length > len(data):
             raise DumpError(f"netlink message of length {length} at {off} overruns the buffer")
         end = off + length
-        if mseq == seq and flags & NLM_F_DUMP_INTR:
-            raise DumpError("the set changed during the dump (NLM_F_DUMP_INTR)")
         if mseq == seq:
+            if flags & NLM_F_DUMP_INTR:
+                raise DumpError("the set changed during the dump (NLM_F_DUMP_INTR)")
             if mtype == NLMSG_ERROR:
                 (err,) = _ERR.unpack_from(data, off + _NLMSG.size) if length >= _NLMSG.size + 4 else (0,)
                 if err:

@@ -10,6 +10,7 @@ import ipaddress
 import pytest
 
 from egressd.core.config import config_from_dict
+from egressd.core.connections import parse_connections
 from egressd.core.policy import default_policy, parse_policy
 from egressd.core.workloads import Workload
 from egressd.engine import Engine, State, Target
@@ -59,7 +60,12 @@ def test_same_policy_keeps_the_entries_without_copying(engine) -> None:
     assert e.cache._ws["1001"] is table
     assert _names(e) == {"198.51.100.1": "pypi.org", "198.51.100.2": "a.githubusercontent.com",
                          "198.51.100.3": "docs.pypi.org"}
-    assert "198.51.100.2" in nft.scripts[-1]  # rendered into the new table too
+    # Workloads only: a delta of their elements and the generation, the cached IPs untouched.
+    assert e.last_apply_scope == "delta"
+    delta = nft.scripts[-1]
+    assert delta.startswith("delete set inet egressd generation\n") and "198.51.100" not in delta
+    assert "10.77.1.2/32 : goto ws_1001_enf," in delta and "add element inet egressd workload_src_v4 {" in delta
+    assert "10.77.1.1/32" not in delta  # the one workload already there is not rendered again
 
 
 def test_changed_policy_withdraws_what_it_no_longer_allows(engine) -> None:
@@ -72,7 +78,7 @@ def test_changed_policy_withdraws_what_it_no_longer_allows(engine) -> None:
     e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="narrower")
     assert e.cache._ws["1001"] is not table
     assert _names(e) == {"198.51.100.1": "pypi.org", "198.51.100.3": "docs.pypi.org"}
-    assert "198.51.100.2" not in nft.scripts[-1]
+    assert "198.51.100.2" not in nft.scripts[-1] and e.last_apply_scope == "table"
 
 
 def test_an_equal_policy_object_is_not_the_same_compiled_policy(engine) -> None:
@@ -95,3 +101,44 @@ def test_failed_apply_leaves_the_cache_and_generation(engine) -> None:
     asyncio.run(e.program(Target("1001", "files.pythonhosted.org"), (("198.51.100.9", 60),)))
     e.apply(_state(policies, n=5), reason="works")
     assert len(_names(e)) == 4
+
+
+def _conns(*hosts: str):
+    return parse_connections({"connections": [
+        {"name": f"c{i}", "connection_type": "POSTGRESQL", "host": h, "port": 5432} for i, h in enumerate(hosts)],
+        "external_locations": []})
+
+
+def test_connections_keep_their_compiled_policy_while_unchanged(engine) -> None:
+    # A workspace with connections compiles its policy with extras: the same extras give the
+    # same compiled object, so its cached IPs are shared and a workload change is a delta.
+    e, nft, policies = engine
+    conns = {"1001": _conns("db.example.com", "198.51.100.50")}
+    e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1),), conns), reason="connections")
+    assert e.last_apply_scope == "table" and "198.51.100.50" in nft.scripts[-1]
+    compiled, table = e.plan.workspaces["1001"].compiled, e.cache._ws["1001"]
+    e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1), _wl(2)), dict(conns)), reason="a workload")
+    assert e.plan.workspaces["1001"].compiled is compiled and e.cache._ws["1001"] is table
+    assert e.last_apply_scope == "delta"
+    # Other connections: compiled anew, the whole table, the old compiled form let go.
+    e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1), _wl(2)), {"1001": _conns("db.example.com")}),
+            reason="fewer connections")
+    assert e.plan.workspaces["1001"].compiled is not compiled and e.last_apply_scope == "table"
+    assert all(cp is not compiled for _p, cp in e._compiled.values())
+    assert len(_names(e)) == 3
+
+
+def test_a_refused_delta_falls_back_to_the_whole_table(engine) -> None:
+    e, nft, policies = engine
+
+    class RefusesDeltas:
+        def run(self, script: str) -> None:
+            if script.startswith("delete set inet egressd generation"):
+                raise ApplyError("Could not process rule: No such file or directory")
+            nft.run(script)
+
+    e.nft = RefusesDeltas()  # type: ignore[assignment]
+    gen = e.generation
+    e.apply(_state(policies, n=3), reason="more workloads")
+    assert e.last_apply_scope == "table" and e.generation == gen + 1
+    assert "198.51.100.2" in nft.scripts[-1] and "10.77.1.3/32 : goto ws_1001_enf" in nft.scripts[-1]

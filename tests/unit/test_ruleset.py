@@ -9,7 +9,14 @@ import pytest
 from egressd.core.ipcache import Entry
 from egressd.core.plan import build_plan
 from egressd.core.policy import default_policy, parse_policy
-from egressd.core.ruleset import RenderOptions, program_elements, render_table, replace_table
+from egressd.core.ruleset import (
+    RenderOptions,
+    program_elements,
+    render_table,
+    replace_table,
+    same_skeleton,
+    workload_delta,
+)
 from egressd.core.workloads import Workload
 from egressd.errors import ValidationError
 from egressd.lab import world
@@ -124,3 +131,51 @@ def test_kernel_dns_budget_sits_in_front_of_the_shim_only_when_the_limit_is_on(p
     assert rules[3].endswith("ct status dnat accept") and rules[4].endswith("counter drop")
     off = render_table(plan, {}, 0.0, RenderOptions(1, 10053, "reject"))
     assert "update @dns_rate_v4" not in off and "counter dns_flood_drops {" in off  # the counter always exists
+
+
+def _compiler():
+    """A compile function that keeps one compiled object per policy, as the engine's does."""
+    from egressd.core.verdict import CompiledPolicy
+
+    seen: dict = {}
+
+    def compile(policy, **extras):
+        return seen.setdefault((id(policy), tuple(sorted(extras.items()))), CompiledPolicy(policy, **extras))
+    return compile
+
+
+def test_same_skeleton_needs_the_same_restricted_workspaces_and_compiled_objects(policies):
+    c = _compiler()
+    bind = {"1": "restricted-etl", "2": "dry"}
+    a = build_plan(policies, bind, [wl("a", "1", "APPS", "10.77.1.2/32")], compile=c)
+    b = build_plan(policies, bind, [wl("b", "2", "APPS", "10.77.2.2/32"), wl("c", "3", "APPS", "10.77.3.2/32")], compile=c)
+    assert same_skeleton(a, b)  # workspace 3 is unrestricted (default-policy): no objects of its own
+    assert not same_skeleton(a, build_plan(policies, bind, [], compile=_compiler()))  # other compiled objects
+    assert not same_skeleton(a, build_plan(policies, {"1": "restricted-etl"}, [], compile=c))
+    assert not same_skeleton(a, build_plan(policies, {"1": "dry", "2": "restricted-etl"}, [], compile=c))
+
+
+def test_workload_delta_deletes_then_adds_only_what_differs(policies):
+    c = _compiler()
+    bind = {"1": "restricted-etl", "2": "dry"}
+    keep = wl("keep", "1", "APPS", "10.77.1.2/32", "2001:db8:77:1::2/128")
+    old = build_plan(policies, bind, [keep, wl("gone", "1", "APPS", "10.77.1.3/32"),
+                                      wl("moves", "1", "APPS", "10.77.1.4/32"), wl("net", "2", "APPS", "10.78.0.0/24")], compile=c)
+    new = build_plan(policies, bind, [keep, wl("moves", "2", "APPS", "10.77.1.4/32"),
+                                      wl("half", "3", "APPS", "10.78.0.0/25"), wl("six", "2", "APPS", "2001:db8:77:2::/64")],
+                     compile=c)
+    assert same_skeleton(old, new)
+    lines = workload_delta(old, new, 9).splitlines()
+    assert lines == [
+        "delete set inet egressd generation",
+        'add set inet egressd generation { type inet_service; comment "egressd generation=9"; }',
+        "delete element inet egressd workload_verdict_v4 { 10.77.1.3/32, 10.78.0.0/24, 10.77.1.4/32 }",
+        "delete element inet egressd workload_src_v4 { 10.77.1.3/32, 10.78.0.0/24 }",
+        "add element inet egressd workload_verdict_v4 { 10.77.1.4/32 : goto ws_2_enf, 10.78.0.0/25 : accept }",
+        "add element inet egressd workload_src_v4 { 10.78.0.0/25 }",
+        "add element inet egressd workload_verdict_v6 { 2001:db8:77:2::/64 : goto ws_2_enf }",
+        "add element inet egressd workload_src_v6 { 2001:db8:77:2::/64 }",
+    ]
+    # The kept workload is not rendered; nothing at all changes: only the generation.
+    assert "10.77.1.2" not in "\n".join(lines)
+    assert workload_delta(new, new, 10).splitlines()[2:] == []

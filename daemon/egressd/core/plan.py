@@ -53,11 +53,12 @@ def build_plan(
     bindings: Mapping[str, str],
     workloads: Iterable[Workload],
     extras: Mapping[str, tuple[Iterable[tuple[str, str]], Iterable[tuple[str, str]]]] | None = None,
-    compile: Callable[[Policy], CompiledPolicy] = CompiledPolicy,
+    compile: Callable[..., CompiledPolicy] = CompiledPolicy,
 ) -> Plan:
     """Join the state. bindings: workspace id -> policy id. extras: workspace id ->
-    (extra names, extra networks) from its connections. compile: how a policy without extras is
-    compiled (the engine passes a cache, so that an unchanged policy is not compiled again).
+    (extra names, extra networks) from its connections. compile: how a policy is compiled,
+    called as CompiledPolicy is (the engine passes a cache, so that an unchanged policy, with
+    unchanged extras, is not compiled again).
     Raises ValidationError."""
     wl = tuple(sorted(workloads, key=lambda w: w.workload_id))
     errors = list(check_overlaps(wl))
@@ -74,7 +75,7 @@ def build_plan(
             continue
         extra = (extras or {}).get(ws)
         if extra:
-            cp = CompiledPolicy(policy, extra_names=extra[0], extra_networks=extra[1])
+            cp = compile(policy, extra_names=tuple(extra[0]), extra_networks=tuple(extra[1]))
         else:
             cp = compiled.get(pid) or compiled.setdefault(pid, compile(policy))
         plans[ws] = WorkspacePlan(ws, policy, cp)

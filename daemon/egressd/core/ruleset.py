@@ -16,8 +16,11 @@ from string import Template
 from .ipcache import Entry
 from .nfmsg import comment_text
 from .plan import ACCEPT, Plan, WorkspacePlan
+from .workloads import Workload
 
 TABLE = "inet egressd"
+#: The comment of the table's ``generation`` set: the generation the kernel holds (read back on restart).
+GENERATION_PREFIX = "egressd generation="
 _TEMPLATES = resources.files("egressd.nft")
 _TABLE_T = Template(_TEMPLATES.joinpath("table.nft").read_text())
 _WS_T = Template(_TEMPLATES.joinpath("workspace.nft").read_text())
@@ -110,22 +113,23 @@ def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: Ren
     )
 
 
-def render_table(plan: Plan, dyn: Mapping[str, list[Entry]], now: float, opts: RenderOptions) -> str:
-    """The whole table. dyn: workspace id -> live entries of its timeout sets."""
-    vmap4: list[str] = []
-    vmap6: list[str] = []
-    src4: list[str] = []
-    src6: list[str] = []
-    for w in plan.workloads:
+def workload_elements(plan: Plan, workloads: Iterable[Workload] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Source -> verdict of every workload of the plan (or of those given), IPv4 and IPv6: the
+    elements of the workload_verdict maps (their keys are the elements of the workload_src sets).
+    Sources never overlap (the plan checks), so each key is one element."""
+    v4: dict[str, str] = {}
+    v6: dict[str, str] = {}
+    for w in plan.workloads if workloads is None else workloads:
         chain = plan.workspace_of(w).chain_for(w.product)
         verdict = f"goto {chain}" if chain else ACCEPT
         for net in w.sources:
-            if net.version == 4:
-                vmap4.append(f"{net} : {verdict}")
-                src4.append(str(net))
-            else:
-                vmap6.append(f"{net} : {verdict}")
-                src6.append(str(net))
+            (v4 if net.version == 4 else v6)[str(net)] = verdict
+    return v4, v6
+
+
+def render_table(plan: Plan, dyn: Mapping[str, list[Entry]], now: float, opts: RenderOptions) -> str:
+    """The whole table. dyn: workspace id -> live entries of its timeout sets."""
+    v4, v6 = workload_elements(plan)
     blocks = [
         _render_workspace(ws, dyn.get(ws.workspace_id, []), now, opts)
         for ws in plan.workspaces.values()
@@ -137,10 +141,10 @@ def render_table(plan: Plan, dyn: Mapping[str, list[Entry]], now: float, opts: R
         deny = f"{_INDENT}meta l4proto tcp counter reject with tcp reset\n{_INDENT}counter reject with icmpx admin-prohibited"
     return _TABLE_T.substitute(
         generation=opts.generation,
-        workload_verdict_v4=_elements(vmap4),
-        workload_verdict_v6=_elements(vmap6),
-        workload_src_v4=_elements(src4),
-        workload_src_v6=_elements(src6),
+        workload_verdict_v4=_elements([f"{k} : {v}" for k, v in v4.items()]),
+        workload_verdict_v6=_elements([f"{k} : {v}" for k, v in v6.items()]),
+        workload_src_v4=_elements(list(v4)),
+        workload_src_v6=_elements(list(v6)),
         workspaces="\n".join(blocks),
         deny_action=opts.deny_action,
         deny_rules=deny,
@@ -159,6 +163,52 @@ def _dns_flood_rules(opts: RenderOptions) -> str:
         f"counter name dns_flood_drops drop"
         for v, ip in (("v4", "ip"), ("v6", "ip6"))
     )
+
+
+def same_skeleton(old: Plan, new: Plan) -> bool:
+    """True when the two plans render the same table but for the workload elements (and the
+    generation), given the same RenderOptions: the same restricted workspaces, in the same order,
+    each with an equal policy and the very same compiled policy object. The identity matters:
+    the engine keeps a workspace's cached IPs (its timeout sets) as they are only for the same
+    compiled object; an equal one built anew, as with connections' extras, takes the whole table."""
+    a = [ws for ws in old.workspaces.values() if ws.restricted]
+    b = [ws for ws in new.workspaces.values() if ws.restricted]
+    return len(a) == len(b) and all(
+        x.workspace_id == y.workspace_id and x.compiled is y.compiled and (x.policy is y.policy or x.policy == y.policy)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def workload_delta(old: Plan, new: Plan, generation: int) -> str:
+    """A transaction that turns the loaded table of ``old`` into the table of ``new``, for plans
+    of the same skeleton (see same_skeleton): the workload elements that differ are deleted and
+    added, and the generation marker is replaced. O(changes) in the kernel, where a whole table
+    re-adds every cached IP. Deletions come first, so a source that changes its verdict, or a
+    range that takes over an old one, is never in the set twice."""
+    lines = [f"delete set {TABLE} generation",
+             f"add set {TABLE} generation {{ type inet_service; comment \"{GENERATION_PREFIX}{int(generation)}\"; }}"]
+    # A workload that is the same object in both plans has the same sources and, with the same
+    # skeleton, the same verdict: only the others are rendered, so that a PUT among 10,000
+    # workloads formats a few elements, not 20,000 (the admin keeps the parsed objects of
+    # unchanged documents). An equal workload that is another object is rendered on both sides
+    # and its keys, with equal verdicts, cancel out.
+    before, after = {id(w) for w in old.workloads}, {id(w) for w in new.workloads}
+    was_all = workload_elements(old, (w for w in old.workloads if id(w) not in after))
+    now_all = workload_elements(new, (w for w in new.workloads if id(w) not in before))
+    for fam, was, now in zip(("v4", "v6"), was_all, now_all, strict=True):
+        gone = [k for k in was if k not in now]
+        changed = [k for k, v in now.items() if k in was and was[k] != v]
+        added = [k for k in now if k not in was]
+        if gone or changed:
+            lines.append(f"delete element {TABLE} workload_verdict_{fam} {{ {', '.join(gone + changed)} }}")
+        if gone:
+            lines.append(f"delete element {TABLE} workload_src_{fam} {{ {', '.join(gone)} }}")
+        if added or changed:
+            items = ", ".join(f"{k} : {now[k]}" for k in changed + added)
+            lines.append(f"add element {TABLE} workload_verdict_{fam} {{ {items} }}")
+        if added:
+            lines.append(f"add element {TABLE} workload_src_{fam} {{ {', '.join(added)} }}")
+    return "\n".join(lines) + "\n"
 
 
 def replace_table(table_text: str) -> str:

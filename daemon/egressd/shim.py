@@ -157,9 +157,13 @@ class DnsShim:
         self._tcp_idle = tcp_idle_timeout
         self._max_tcp = max_tcp_connections
         self._known_client = known_client  # if set, malformed queries from others are dropped
-        self.stats: collections.Counter[str] = collections.Counter()
+        self._stats: collections.Counter[str] = collections.Counter()
         # Answers by (outcome, rcode) and the time to answer a forwarded query, for /metrics.
-        self.answers: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._answers: collections.Counter[tuple[str, int]] = collections.Counter()
+        # Answer-cache hits not yet in stats and answers (by rcode): plain ints on the hot path,
+        # folded in whenever either is read.
+        self._hits = 0
+        self._hit_rcodes = [0] * 16
         self.latency = Histogram()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -175,6 +179,32 @@ class DnsShim:
         self.cache = AnswerCache(cache_entries) if admit and generation and cache_entries > 0 else None
         self._pool_size = max(1, upstream_sockets)
         self._pools: dict[tuple[str, int], _UpstreamPool] = {}
+
+    @property
+    def stats(self) -> collections.Counter[str]:
+        """Counts by event (queries, cache_hits, forwarded, denied, servfail, ...)."""
+        if self._hits:
+            self._fold_hits()
+        return self._stats
+
+    @property
+    def answers(self) -> collections.Counter[tuple[str, int]]:
+        """Answers by (outcome, rcode)."""
+        if self._hits:
+            self._fold_hits()
+        return self._answers
+
+    def _fold_hits(self) -> None:
+        n, self._hits = self._hits, 0
+        st = self._stats
+        st["queries"] += n
+        st["cache_hits"] += n
+        st["forwarded"] += n
+        rcodes = self._hit_rcodes
+        for rc, k in enumerate(rcodes):
+            if k:
+                self._answers[("allowed", rc)] += k
+                rcodes[rc] = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -301,25 +331,27 @@ class DnsShim:
         self.answers[("servfail", 2)] += 1
         send(servfail_response(q))
 
-    def _cached(self, wire: bytes, peer: str) -> bytes | None:
+    def _cached(self, wire: bytes, peer: str, now: float | None = None) -> bytes | None:
         """The reply to a UDP query from the answer cache (or the rate limit's REFUSED), or None
-        when the cache does not hold it."""
+        when the cache does not hold it. ``now``: the event loop's time (looked up if not given).
+        The hot path of a busy node: a hit is counted in plain ints (see stats)."""
         cache = self.cache
         gen = self._generation()  # type: ignore[misc]
         if gen != cache.generation:  # type: ignore[union-attr]
             cache.clear(gen)  # type: ignore[union-attr]
             return None
-        out = cache.get(peer, wire, asyncio.get_running_loop().time())  # type: ignore[union-attr]
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        out = cache.get(peer, wire, now)  # type: ignore[union-attr]
         if out is None:
             return None
-        stats = self.stats
-        stats["queries"] += 1
         action = self._admit(_client_ip(peer))  # type: ignore[misc]
         if action is None:
-            stats["cache_hits"] += 1
-            stats["forwarded"] += 1
-            self.answers[("allowed", out[3] & 0xF)] += 1
+            self._hits += 1
+            self._hit_rcodes[out[3] & 0xF] += 1
             return out
+        stats = self.stats
+        stats["queries"] += 1
         # Over its rate limit: the same REFUSED as an uncached query gets.
         try:
             q = parse_query(wire)
@@ -608,6 +640,8 @@ class _UdpServer(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        # Bound once: asyncio.get_running_loop() costs a getpid() system call per query on 3.11.
+        self._now = asyncio.get_running_loop().time
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[type-arg]
         transport = self._transport
@@ -615,7 +649,7 @@ class _UdpServer(asyncio.DatagramProtocol):
             return
         shim = self._shim
         if shim.cache is not None:
-            out = shim._cached(data, addr[0])
+            out = shim._cached(data, addr[0], self._now())
             if out is not None:
                 transport.sendto(out, addr)
                 return

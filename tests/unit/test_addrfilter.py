@@ -220,3 +220,23 @@ def test_program_cap_keeps_the_first_in_answer_order() -> None:
     _program(e, "many.example", addrs[:5] + [("127.0.0.1", 60)] + addrs[5:])
     assert nft.added() == [ip for ip, _ in addrs[:64]]
     assert e.answer_filter.capped == 3000 - 64
+
+
+# The IPv4 fast path (integer tests on a dotted quad) against the general one (ipaddress objects).
+_V4_EDGES = st.sampled_from([0, 0x00FFFFFF, 0x01000000, 0x7EFFFFFF, 0x7F000000, 0x7FFFFFFF, 0x80000000,
+                             0xA9FDFFFF, 0xA9FE0000, 0xA9FEA9FE, 0xA9FEFFFF, 0xA9FF0000, 0x646464C8,
+                             0xDFFFFFFF, 0xE0000000, 0xEFFFFFFF, 0xF0000000, 0xFFFFFFFE, 0xFFFFFFFF,
+                             int(ipaddress.ip_address("10.99.0.1")), int(ipaddress.ip_address("10.77.1.1"))])
+
+
+@given(st.one_of(st.integers(0, 2**32 - 1), _V4_EDGES))
+def test_the_ipv4_fast_path_agrees_with_the_ipaddress_path(n):
+    addr = ipaddress.IPv4Address(n)
+    for node in (NODE, ()):
+        assert classify(str(addr), node) == classify(addr, node)
+
+
+@pytest.mark.parametrize("text", ["01.2.3.4", "1.2.3", "127.1", "1.2.3.4 ", "256.1.1.1", "0x7f.0.0.1", ""])
+def test_malformed_ipv4_text_is_refused_as_before(text):
+    with pytest.raises(ValueError):
+        classify(text, NODE)

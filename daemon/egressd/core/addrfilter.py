@@ -78,10 +78,59 @@ def _reason(ip: IP) -> str | None:
     return None
 
 
+_V4_METADATA = frozenset(int(a) for a in _METADATA if a.version == 4)
+
+
+def _dotted_quad(text: str) -> int | None:
+    """The integer of a strict dotted quad (four decimal octets, no leading zeros, as
+    ip_address() takes them), or None."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return None
+    n = 0
+    for p in parts:
+        if not (p.isascii() and p.isdigit()) or len(p) > 3 or (p[0] == "0" and len(p) > 1):
+            return None
+        v = int(p)
+        if v > 255:
+            return None
+        n = n << 8 | v
+    return n
+
+
+def _v4_reason(n: int) -> str | None:
+    """_reason() of an IPv4 address given as an integer, by integer tests alone."""
+    top = n >> 24
+    if top == 0:
+        return "unspecified"
+    if top == 127:
+        return "loopback"
+    if n in _V4_METADATA:
+        return "metadata-service"
+    if n >> 16 == 0xA9FE:  # 169.254/16
+        return "link-local"
+    if n >> 28 == 0xE:  # 224/4
+        return "multicast"
+    if n == 0xFFFFFFFF:
+        return "broadcast"
+    return None
+
+
 def classify(ip: str | IP, node_addresses: Container[IP] = ()) -> str | None:
     """Why ``ip`` must not be programmed (one of REASONS), or None when it may be.
 
     ``node_addresses`` holds ipaddress objects (the node's own addresses)."""
+    if isinstance(ip, str) and ":" not in ip:
+        # The common case, a dotted quad from an answer: integer tests, no ipaddress object
+        # unless there are node addresses to compare with (ip_address() and its properties cost
+        # some 10 us per address on the unique-name path). Anything else takes the general path
+        # below, which raises ValueError as ip_address() does.
+        n = _dotted_quad(ip)
+        if n is not None:
+            reason = _v4_reason(n)
+            if reason is None and node_addresses and IPv4Address(n) in node_addresses:
+                return "node-address"
+            return reason
     addr = ip_address(ip) if isinstance(ip, str) else ip
     candidates: list[IP] = [addr]
     if addr.version == 6:

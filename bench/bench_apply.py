@@ -5,7 +5,9 @@ transaction, state file) against a real kernel in a scratch network namespace.
 
 Cases: a policy of 10, 2,000 and 100,000 destinations (half DNS_NAME, half disjoint IP_RANGE /32s,
 so the kernel gets 50,000 interval elements) bound to a workspace with one workload; and a
-10-destination policy with 10,000 workloads registered."""
+10-destination policy with 10,000 workloads registered. Each timed PUT is a new version of the
+bound policy: its DNS names all change ("names"), or every destination does, names and IP
+ranges ("all", 100,000 only: the worst case of the delta that a policy edit goes in as)."""
 
 from __future__ import annotations
 
@@ -37,22 +39,25 @@ def nft_in(ns: str) -> Nft:
         return Nft()
 
 
-def policy(pid: str, n: int, flip: int) -> dict:
+def policy(pid: str, n: int, flip: int, change: str = "names") -> dict:
     dests = []
+    shift = flip % 2 if change == "all" else 0
     for i in range(n):
         if i % 2:
             dests.append({"destination": f"h{i}-{flip}.example.com", "internet_destination_type": "DNS_NAME"})
         else:
-            j = i  # every other address: the ranges stay disjoint (no merging helps the renderer)
+            # every other address: the ranges stay disjoint (no merging helps the renderer); "all"
+            # takes the odd addresses in every other version, so that every range changes
+            j = i + shift
             dests.append({"destination": f"10.{(j >> 16) & 255}.{(j >> 8) & 255}.{j & 255}/32", "internet_destination_type": "IP_RANGE"})
     return {"network_policy_id": pid, "egress": {"network_access": {
         "restriction_mode": "RESTRICTED_ACCESS", "allowed_internet_destinations": dests}}}
 
 
-async def case(nft: Nft, tmp: Path, destinations: int, workloads: int, repeat: int) -> dict:
+async def case(nft: Nft, tmp: Path, destinations: int, workloads: int, repeat: int, change: str = "names") -> dict:
     cfg = config_from_dict({
         "dns": {"upstreams": ["203.0.113.2:53"]},
-        "state": {"dir": str(tmp / f"state-{destinations}-{workloads}")},
+        "state": {"dir": str(tmp / f"state-{destinations}-{workloads}-{change}")},
         "limits": {"max_destinations": max(destinations, 2000)},
     })
     admin = Admin(Engine(cfg, nft), StateStore(cfg.state.dir), Baked(cfg, {"default-policy": default_policy()}, {}, ()))
@@ -69,16 +74,18 @@ async def case(nft: Nft, tmp: Path, destinations: int, workloads: int, repeat: i
     else:
         await admin.put_workload("w0", {"workspace_id": "1000", "product": "APPS", "sources": ["10.100.0.1/32"]}, caller="bench")
     await admin.put_binding("1000", {"network_policy_id": "default-policy"}, caller="bench")
-    times = []
+    times, scopes = [], set()
     for r in range(repeat):
-        doc = policy("p", destinations, r)
+        doc = policy("p", destinations, r, change)
         t0 = time.perf_counter()
         await admin.put_policy(doc, caller="bench", path_id="p")
         if r == 0:
             await admin.put_binding("1000", {"network_policy_id": "p"}, caller="bench")
             continue  # the first round also binds: not counted
         times.append((time.perf_counter() - t0) * 1000)
-    return {"destinations": destinations, "workloads": workloads, "put_to_active_ms_median": round(statistics.median(times), 1),
+        scopes.add(admin.engine.last_apply_scope)
+    return {"destinations": destinations, "workloads": workloads, "change": change, "scope": "/".join(sorted(scopes)),
+            "put_to_active_ms_median": round(statistics.median(times), 1),
             "put_to_active_ms_min": round(min(times), 1), "put_to_active_ms_max": round(max(times), 1),
             "repeat": len(times), "kernel_apply_ms_last": round(admin.engine.last_apply_ms, 1)}
 
@@ -91,8 +98,9 @@ async def run(repeat: int = 6, log=print) -> list[dict]:
         nft = nft_in(ns)
         with tempfile.TemporaryDirectory() as tmp:
             results = []
-            for dests, wls in ((10, 1), (2000, 1), (100_000, 1), (10, 10_000)):
-                res = await case(nft, Path(tmp), dests, wls, repeat if dests < 100_000 else max(4, repeat // 2 + 1))
+            for dests, wls, change in ((10, 1, "names"), (2000, 1, "names"), (100_000, 1, "names"), (100_000, 1, "all"),
+                                       (10, 10_000, "names")):
+                res = await case(nft, Path(tmp), dests, wls, repeat if dests < 100_000 else max(6, repeat // 2 + 1), change)
                 log(json.dumps(res))
                 results.append(res)
     finally:

@@ -56,8 +56,13 @@ def _rows(doc: dict) -> list[tuple[str, str, str, str, str]]:
             elif w == 1 and d == 100_000:
                 target, ok = "≤ 1 s", ms <= 1000
             what = f"apply PUT → active: {_f(d)} destinations" + (f", {_f(w)} workloads" if w > 1 else "")
+            if case.get("change") == "all":
+                what += ", every destination changed"
+            elif w == 1 and d > 10:
+                what += " (a new version: every name changed, ranges kept)"
+            scope = f"; applied as {case['scope']}" if case.get("scope") else ""
             rows.append(("c", what, (f"**{_f(ms, 1)} ms** (min {_f(case['put_to_active_ms_min'], 1)}, "
-                                    f"max {_f(case['put_to_active_ms_max'], 1)}; kernel {_f(case['kernel_apply_ms_last'], 1)} ms)"),
+                                    f"max {_f(case['put_to_active_ms_max'], 1)}; last apply {_f(case['kernel_apply_ms_last'], 1)} ms{scope})"),
                          target, _met(ok)))
     d = R.get("d")
     if d:

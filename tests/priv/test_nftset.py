@@ -221,12 +221,41 @@ async def test_a_bad_answer_fails_alone(scratch_ns, engine):
     assert engine.cache.size("1001") == 2  # the failed IP was forgotten, to be programmed again
 
 
-async def test_apply_racing_a_pending_batch_is_an_error_not_a_silent_add(scratch_ns, engine):
+async def test_a_whole_table_racing_a_pending_batch_is_an_error_not_a_silent_add(scratch_ns, engine):
     task = asyncio.ensure_future(engine.program(Target("1001", "pypi.org"), (("198.51.100.20", 60),)))
     await asyncio.sleep(0)  # queued, the batch not sent yet
-    engine.apply(_state(), reason="test")
+    # Another restricted workspace: new objects, so the whole table is replaced.
+    state = _state()
+    engine.apply(State(state.policies, {**state.bindings, "1002": "restricted-etl"}, state.workloads), reason="test")
+    assert engine.last_apply_scope == "table"
     with pytest.raises(StaleGeneration):
         await task
     assert engine.counters["program_errors"] == 1
     # The new generation rendered the recorded entry itself: the kernel has it, the cache agrees.
     assert "198.51.100.20" in elements(scratch_ns, "ws_1001_dyn4") and engine.cache.size("1001") == 1
+
+
+async def test_a_delta_racing_a_pending_batch_lets_it_go_in(scratch_ns, engine):
+    # A delta keeps the sets: the waiting answer's IPs, still allowed, go in with the new generation.
+    task = asyncio.ensure_future(engine.program(Target("1001", "pypi.org"), (("198.51.100.20", 60),)))
+    await asyncio.sleep(0)
+    engine.apply(_state(), reason="an equal policy, parsed again")
+    assert engine.last_apply_scope == "delta"
+    await task
+    assert engine.counters == {"programmed_ips": 1, "program_errors": 0}
+    assert "198.51.100.20" in elements(scratch_ns, "ws_1001_dyn4") and engine.cache.size("1001") == 1
+
+
+async def test_a_delta_withdrawing_a_pending_answer_fails_it(scratch_ns, engine):
+    task = asyncio.ensure_future(engine.program(Target("1001", "files.pythonhosted.org"), (("198.51.100.21", 60),)))
+    await asyncio.sleep(0)
+    doc = world.policy("restricted-etl")
+    access = doc["egress"]["network_access"]
+    access["allowed_internet_destinations"] = [d for d in access["allowed_internet_destinations"]
+                                               if d["destination"] != "files.pythonhosted.org"]
+    state = _state()
+    engine.apply(State({**state.policies, "restricted-etl": parse_policy(doc)}, state.bindings, state.workloads), reason="edit")
+    assert engine.last_apply_scope == "delta"
+    with pytest.raises(StaleGeneration):
+        await task
+    assert "198.51.100.21" not in elements(scratch_ns, "ws_1001_dyn4") and engine.cache.size("1001") == 0

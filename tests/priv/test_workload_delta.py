@@ -139,3 +139,57 @@ def test_adopt_reads_the_generation_a_delta_left(scratch_ns, engine) -> None:
     again = Engine(config_from_dict(CFG), scratch_ns.nft)
     again.adopt()
     assert again.generation == engine.generation
+
+
+def _edited() -> dict:
+    """restricted-etl, edited: a name withdrawn, one IP_RANGE replaced and two added (IPv4, IPv6),
+    a blocked range added, and dry run for every product."""
+    doc = world.policy("restricted-etl", dry_run=True)
+    access = doc["egress"]["network_access"]
+    access["allowed_internet_destinations"] = [
+        d for d in access["allowed_internet_destinations"]
+        if d["destination"] not in ("files.pythonhosted.org", "203.0.113.128/25")
+    ] + [{"destination": d, "internet_destination_type": "IP_RANGE"}
+         for d in ("203.0.113.0/26", "192.0.2.0/24", "2001:db8:ee::/48")]
+    access["blocked_internet_destinations"].append({"destination": "203.0.113.7/32", "internet_destination_type": "IP_RANGE"})
+    return doc
+
+
+POLICY_SETS = ("ws_1000_net4", "ws_1000_net6", "ws_1000_blk4", "ws_1000_blk6")
+
+
+def test_a_policy_edit_is_a_delta_equal_to_the_whole_table(scratch_ns, engine) -> None:
+    asyncio.run(engine.program(Target("1000", "pypi.org"), (("198.51.100.7", 300), ("2001:db8:1::7", 300))))
+    asyncio.run(engine.program(Target("1000", "files.pythonhosted.org"), (("198.51.100.8", 300), ("2001:db8:1::8", 300))))
+    assert {"198.51.100.7", "198.51.100.8"} <= {e.split()[0] for e in members(scratch_ns, "ws_1000_dyn4")}
+    policies = {**POLICIES, "restricted-etl": parse_policy(_edited())}
+    gen = engine.generation
+
+    engine.apply(State(policies, BINDINGS, tuple(before())), reason="policy edit")
+    assert engine.last_apply_scope == "delta"
+    assert engine.generation == kernel_generation(scratch_ns) == gen + 1
+    by_delta = {name: members(scratch_ns, name) for name in POLICY_SETS + WORKLOAD_OBJECTS}
+    assert by_delta["ws_1000_net4"] == {"192.0.2.0/24", "203.0.113.0/26"}
+    assert by_delta["ws_1000_blk4"] == {"203.0.113.7"}
+    assert "2001:db8:ee::/48" in by_delta["ws_1000_net6"]
+    assert "10.77.0.1 : goto ws_1000_dry" in by_delta["workload_verdict_v4"]  # w0: enforced before
+    # The withdrawn name's IPs left the timeout sets; the allowed name's stayed, untouched.
+    assert {e.split()[0] for e in members(scratch_ns, "ws_1000_dyn4")} == {"198.51.100.7"}
+    assert {e.split()[0] for e in members(scratch_ns, "ws_1000_dyn6")} == {"2001:db8:1::7"}
+
+    # A new engine's first apply replaces the whole table: the same policy sets and workload elements.
+    whole = Engine(config_from_dict(CFG), scratch_ns.nft)
+    whole.generation = engine.generation
+    whole.apply(State(policies, BINDINGS, tuple(before())), reason="whole")
+    assert whole.last_apply_scope == "table"
+    assert {name: members(scratch_ns, name) for name in POLICY_SETS + WORKLOAD_OBJECTS} == by_delta
+
+
+def test_a_policy_edit_deletes_ips_the_kernel_already_timed_out(scratch_ns, engine) -> None:
+    # The kernel times out an entry the cache still holds: the delete of the withdrawn IP must
+    # not fail on it (the delta adds it first), so the edit stays a delta.
+    asyncio.run(engine.program(Target("1000", "files.pythonhosted.org"), (("198.51.100.8", 300),)))
+    scratch_ns.nft.run("delete element inet egressd ws_1000_dyn4 { 198.51.100.8 }")
+    engine.apply(State({**POLICIES, "restricted-etl": parse_policy(_edited())}, BINDINGS, tuple(before())), reason="edit")
+    assert engine.last_apply_scope == "delta"
+    assert "198.51.100.8" not in " ".join(members(scratch_ns, "ws_1000_dyn4"))

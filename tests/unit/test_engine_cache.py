@@ -78,7 +78,14 @@ def test_changed_policy_withdraws_what_it_no_longer_allows(engine) -> None:
     e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="narrower")
     assert e.cache._ws["1001"] is not table
     assert _names(e) == {"198.51.100.1": "pypi.org", "198.51.100.3": "docs.pypi.org"}
-    assert "198.51.100.2" not in nft.scripts[-1] and e.last_apply_scope == "table"
+    # The same workspaces: a delta that takes the withdrawn IP out of the timeout set (added
+    # first, so that the delete cannot fail on an entry the kernel has just timed out) and
+    # leaves the two still allowed alone.
+    assert e.last_apply_scope == "delta"
+    delta = nft.scripts[-1]
+    assert "add element inet egressd ws_1001_dyn4 { 198.51.100.2 }\n" in delta
+    assert "delete element inet egressd ws_1001_dyn4 { 198.51.100.2 }\n" in delta
+    assert "198.51.100.1" not in delta and "198.51.100.3" not in delta
 
 
 def test_an_equal_policy_object_is_not_the_same_compiled_policy(engine) -> None:
@@ -115,15 +122,18 @@ def test_connections_keep_their_compiled_policy_while_unchanged(engine) -> None:
     e, nft, policies = engine
     conns = {"1001": _conns("db.example.com", "198.51.100.50")}
     e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1),), conns), reason="connections")
-    assert e.last_apply_scope == "table" and "198.51.100.50" in nft.scripts[-1]
+    assert e.last_apply_scope == "delta"
+    assert "add element inet egressd ws_1001_net4 { 198.51.100.50/32 }" in nft.scripts[-1]
     compiled, table = e.plan.workspaces["1001"].compiled, e.cache._ws["1001"]
     e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1), _wl(2)), dict(conns)), reason="a workload")
     assert e.plan.workspaces["1001"].compiled is compiled and e.cache._ws["1001"] is table
     assert e.last_apply_scope == "delta"
-    # Other connections: compiled anew, the whole table, the old compiled form let go.
+    # Other connections: compiled anew, the old compiled form let go; the same workspaces, so a
+    # delta that takes the connection's network out of the workspace's interval set.
     e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1), _wl(2)), {"1001": _conns("db.example.com")}),
             reason="fewer connections")
-    assert e.plan.workspaces["1001"].compiled is not compiled and e.last_apply_scope == "table"
+    assert e.plan.workspaces["1001"].compiled is not compiled and e.last_apply_scope == "delta"
+    assert "delete element inet egressd ws_1001_net4 { 198.51.100.50/32 }" in nft.scripts[-1]
     assert all(cp is not compiled for _p, cp in e._compiled.values())
     assert len(_names(e)) == 3
 
@@ -142,3 +152,44 @@ def test_a_refused_delta_falls_back_to_the_whole_table(engine) -> None:
     e.apply(_state(policies, n=3), reason="more workloads")
     assert e.last_apply_scope == "table" and e.generation == gen + 1
     assert "198.51.100.2" in nft.scripts[-1] and "10.77.1.3/32 : goto ws_1001_enf" in nft.scripts[-1]
+
+
+def _ranges_policy(shift: int, n: int) -> dict:
+    doc = world.policy("restricted-etl")
+    doc["egress"]["network_access"]["allowed_internet_destinations"] += [
+        {"destination": f"10.{j >> 16 & 255}.{j >> 8 & 255}.{j & 255}/32", "internet_destination_type": "IP_RANGE"}
+        for j in range(shift, 2 * n, 2)]
+    return doc
+
+
+def test_a_policy_edit_that_would_refill_big_range_sets_replaces_the_table(engine) -> None:
+    # 12,000 ranges added, then every one of them changed: a delta would make libnftables read
+    # the old ones back and add (or re-add) them all, where a new table takes less time.
+    e, nft, policies = engine
+    e.apply(_state({**policies, "restricted-etl": parse_policy(_ranges_policy(0, 12_000))}), reason="big")
+    assert e.last_apply_scope == "table"
+    e.apply(_state({**policies, "restricted-etl": parse_policy(_ranges_policy(1, 12_000))}), reason="all moved")
+    assert e.last_apply_scope == "table" and nft.scripts[-1].startswith("table inet egressd\ndelete table")
+    # One changed among them: a delta of that one.
+    doc = _ranges_policy(1, 12_000)
+    doc["egress"]["network_access"]["allowed_internet_destinations"].pop()
+    e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="one fewer")
+    assert e.last_apply_scope == "delta"
+    assert "delete element inet egressd ws_1001_net4 { 10.0.93.191/32 }" in nft.scripts[-1]
+
+
+def test_gc_paused_restores_what_it_found() -> None:
+    import gc
+
+    from egressd.admin import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block found it off: it stays off
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError
+    assert gc.isenabled()

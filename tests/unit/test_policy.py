@@ -496,3 +496,84 @@ def test_deeply_nested_values_raise_only_validation_error(depth: int) -> None:
         target[leaf] = deep
         with pytest.raises(ValidationError):
             parse_policy(obj)
+
+
+# --- the fast path of a destination entry (a policy may hold 100,000) agrees with the full parse ---
+
+_LABELS = st.text(alphabet="abcdefxyzABC019_-.*:/ ü", min_size=0, max_size=12)
+_OCTET_TEXT = st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "01", "007", "255", "256"]))
+_V4_TEXT = st.builds(lambda a, b, c, d, p: f"{a}.{b}.{c}.{d}{p}", _OCTET_TEXT, _OCTET_TEXT, _OCTET_TEXT, _OCTET_TEXT,
+                     st.one_of(st.just(""), st.integers(0, 40).map(lambda n: f"/{n}"), st.sampled_from(["/08", "/032", "/"])))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(raw=st.one_of(_LABELS, st.lists(_LABELS, min_size=1, max_size=5).map(".".join), _V4_TEXT),
+       kind=st.sampled_from(["DNS_NAME", "IP_RANGE", None, "dns_name", 5]), with_kind=st.booleans())
+def test_fast_destination_is_the_full_parse_or_declines(raw: str, kind: Any, with_kind: bool) -> None:
+    from egressd.core.policy import _fast_destination, parse_internet_destination
+
+    entry = {"destination": raw, **({"internet_destination_type": kind} if with_kind else {})}
+    fast = _fast_destination(entry)
+    if fast is None:
+        return  # the full parse decides (and words any error)
+    full = parse_internet_destination(entry, "e")
+    assert (fast.destination, fast.type, fast.span) == (full.destination, full.type, full.span)
+
+
+def test_fast_destination_takes_the_plain_cases() -> None:
+    from egressd.core.policy import _fast_destination
+
+    assert _fast_destination({"destination": "files.pythonhosted.org"}) == InternetDestination("files.pythonhosted.org")
+    assert _fast_destination({"destination": "*.x.example"}) == InternetDestination("*.x.example")
+    fast = _fast_destination({"destination": "198.51.100.0/24", "internet_destination_type": "IP_RANGE"})
+    assert fast is not None and fast.span == (4, 0xC6336400, 0xC63364FF)
+    assert _fast_destination({"destination": "198.51.100.1", "internet_destination_type": "IP_RANGE"}).destination == "198.51.100.1/32"
+    assert _fast_destination({"destination": "PyPI.org."}) == InternetDestination("pypi.org")  # normalized
+    for declined in ({"destination": "10.0.0.1"}, {"destination": "198.51.100.1/24",
+                     "internet_destination_type": "IP_RANGE"}, {"destination": "x", "extra": 1}):
+        assert _fast_destination(declined) is None
+
+
+_ENTRY = st.one_of(
+    st.builds(lambda d: {"destination": d}, st.sampled_from(["pypi.org", "PyPI.org.", "*.x.example", "a.b", "10.0.0.1", "*.b"])),
+    st.builds(lambda d: {"destination": d, "internet_destination_type": "IP_RANGE"},
+              st.sampled_from(["10.0.0.0/8", "10.0.0.1", "10.0.0.1/8", "2001:db8::/32", "2001:DB8::/32", "pypi.org"])),
+    st.builds(lambda d: {"destination": d, "internet_destination_type": "DNS_NAME", "x": 1}, st.sampled_from(["a.b"])),
+    st.sampled_from([{"destination": 5}, "pypi.org", {"destination": "a.b", "internet_destination_type": None}]),
+)
+_ENTRIES = st.lists(_ENTRY, max_size=8)
+
+
+def _doc(allowed: list, blocked: list) -> dict:
+    return {"network_policy_id": "p", "egress": {"network_access": {
+        "restriction_mode": "RESTRICTED_ACCESS", "allowed_internet_destinations": allowed,
+        "blocked_internet_destinations": blocked}}}
+
+
+def _outcome(doc: dict, previous: Policy | None = None):
+    try:
+        return parse_policy(doc, previous=previous)
+    except ValidationError as e:
+        return [str(f) for f in e.errors]
+
+
+@settings(max_examples=400, deadline=None)
+@given(old=st.tuples(_ENTRIES, _ENTRIES), new=st.tuples(_ENTRIES, _ENTRIES))
+def test_parse_with_a_previous_version_gives_what_a_fresh_parse_does(old, new) -> None:
+    previous = _outcome(_doc(*old))
+    if not isinstance(previous, Policy):
+        previous = parse_policy(_doc([{"destination": "pypi.org"}, {"destination": "10.0.0.0/8", "internet_destination_type": "IP_RANGE"}], []))
+    fresh, reused = _outcome(_doc(*new)), _outcome(_doc(*new), previous)
+    assert fresh == reused
+    if isinstance(fresh, Policy):
+        assert [d.span for d in fresh.allowed_internet] == [d.span for d in reused.allowed_internet]
+
+
+def test_parse_with_a_previous_version_takes_over_its_canonical_entries() -> None:
+    entries = [{"destination": "pypi.org"}, {"destination": "10.0.0.0/8", "internet_destination_type": "IP_RANGE"},
+               {"destination": "PyPI.org."}]
+    previous = parse_policy(_doc(entries[:2], []))
+    again = parse_policy(_doc([entries[1], {"destination": "other.example"}], [entries[2]]), previous=previous)
+    assert again.allowed_internet[0] is previous.allowed_internet[1]  # written as it is kept: taken over
+    assert again.blocked_internet[0] == previous.allowed_internet[0]  # normalized: parsed, equal
+    assert again.blocked_internet[0] is not previous.allowed_internet[0]

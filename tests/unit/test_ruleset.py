@@ -15,7 +15,7 @@ from egressd.core.ruleset import (
     render_table,
     replace_table,
     same_skeleton,
-    workload_delta,
+    table_delta,
 )
 from egressd.core.workloads import Workload
 from egressd.errors import ValidationError
@@ -144,15 +144,16 @@ def _compiler():
     return compile
 
 
-def test_same_skeleton_needs_the_same_restricted_workspaces_and_compiled_objects(policies):
+def test_same_skeleton_needs_the_same_restricted_workspaces(policies):
     c = _compiler()
     bind = {"1": "restricted-etl", "2": "dry"}
     a = build_plan(policies, bind, [wl("a", "1", "APPS", "10.77.1.2/32")], compile=c)
     b = build_plan(policies, bind, [wl("b", "2", "APPS", "10.77.2.2/32"), wl("c", "3", "APPS", "10.77.3.2/32")], compile=c)
     assert same_skeleton(a, b)  # workspace 3 is unrestricted (default-policy): no objects of its own
-    assert not same_skeleton(a, build_plan(policies, bind, [], compile=_compiler()))  # other compiled objects
+    assert same_skeleton(a, build_plan(policies, bind, [], compile=_compiler()))  # other compiled objects: elements
+    assert same_skeleton(a, build_plan(policies, {"1": "dry", "2": "restricted-etl"}, [], compile=c))  # swapped: elements
     assert not same_skeleton(a, build_plan(policies, {"1": "restricted-etl"}, [], compile=c))
-    assert not same_skeleton(a, build_plan(policies, {"1": "dry", "2": "restricted-etl"}, [], compile=c))
+    assert not same_skeleton(a, build_plan(policies, {"1": "restricted-etl", "2": "dry", "4": "dry"}, [], compile=c))
 
 
 def test_workload_delta_deletes_then_adds_only_what_differs(policies):
@@ -165,7 +166,7 @@ def test_workload_delta_deletes_then_adds_only_what_differs(policies):
                                       wl("half", "3", "APPS", "10.78.0.0/25"), wl("six", "2", "APPS", "2001:db8:77:2::/64")],
                      compile=c)
     assert same_skeleton(old, new)
-    lines = workload_delta(old, new, 9).splitlines()
+    lines = table_delta(old, new, 9).splitlines()
     assert lines == [
         "delete set inet egressd generation",
         'add set inet egressd generation { type inet_service; comment "egressd generation=9"; }',
@@ -178,4 +179,56 @@ def test_workload_delta_deletes_then_adds_only_what_differs(policies):
     ]
     # The kept workload is not rendered; nothing at all changes: only the generation.
     assert "10.77.1.2" not in "\n".join(lines)
-    assert workload_delta(new, new, 10).splitlines()[2:] == []
+    assert table_delta(new, new, 10).splitlines()[2:] == []
+
+
+def _ranges_policy(allowed: list[str], blocked: list[str] = (), dry_run: bool = False) -> dict:
+    access = {
+        "restriction_mode": "RESTRICTED_ACCESS",
+        "allowed_internet_destinations": [{"destination": "pypi.org", "internet_destination_type": "DNS_NAME"}]
+        + [{"destination": d, "internet_destination_type": "IP_RANGE"} for d in allowed],
+        "blocked_internet_destinations": [{"destination": d, "internet_destination_type": "IP_RANGE"} for d in blocked],
+    }
+    if dry_run:
+        access["policy_enforcement"] = {"enforcement_mode": "DRY_RUN"}
+    return {"network_policy_id": "p", "egress": {"network_access": access}}
+
+
+def test_table_delta_of_a_policy_edit_diffs_its_sets_verdicts_and_withdrawn_ips(policies):
+    old_p = parse_policy(_ranges_policy(["198.51.100.0/26", "198.51.100.192/26", "2001:db8:1::/48"], ["198.51.100.99/32"]))
+    new_p = parse_policy(_ranges_policy(["198.51.100.0/26", "203.0.113.0/24", "2001:db8:1::/48"], dry_run=True))
+    workloads = [wl("a", "1", "APPS", "10.77.1.2/32"), wl("b", "2", "APPS", "10.77.2.2/32")]
+    c = _compiler()
+    old = build_plan({**policies, "p": old_p}, {"1": "p", "2": "restricted-etl"}, workloads, compile=c)
+    new = build_plan({**policies, "p": new_p}, {"1": "p", "2": "restricted-etl"}, workloads, compile=c)
+    assert same_skeleton(old, new)
+    lines = table_delta(old, new, 4, {"1": ["198.51.100.200", "2001:db8:9::1", "192.0.2.7"]}).splitlines()
+    assert lines[2:] == [
+        # the range that went, then the one that came; the unchanged /26 and IPv6 /48 untouched
+        "delete element inet egressd ws_1_net4 { 198.51.100.192/26 }",
+        "add element inet egressd ws_1_net4 { 203.0.113.0/24 }",
+        # the only blocked range went: more changes than the set keeps, so a flush
+        "flush set inet egressd ws_1_blk4",
+        "add element inet egressd ws_1_dyn4 { 192.0.2.7, 198.51.100.200 }",
+        "delete element inet egressd ws_1_dyn4 { 192.0.2.7, 198.51.100.200 }",
+        "add element inet egressd ws_1_dyn6 { 2001:db8:9::1 }",
+        "delete element inet egressd ws_1_dyn6 { 2001:db8:9::1 }",
+        # the policy went to dry run: workspace 1's workload takes the log-only chain;
+        # workspace 2's policy is the same object, its workload is not rendered
+        "delete element inet egressd workload_verdict_v4 { 10.77.1.2/32 }",
+        "add element inet egressd workload_verdict_v4 { 10.77.1.2/32 : goto ws_1_dry }",
+    ]
+
+
+def test_table_delta_refills_a_set_whose_elements_all_change(policies):
+    c = _compiler()
+    old = build_plan({**policies, "p": parse_policy(_ranges_policy(["198.51.100.0/24"]))}, {"1": "p"}, [], compile=c)
+    new = build_plan({**policies, "p": parse_policy(_ranges_policy(["203.0.113.0/24", "192.0.2.0/24"]))}, {"1": "p"}, [],
+                     compile=c)
+    assert table_delta(old, new, 2).splitlines()[2:] == [
+        "flush set inet egressd ws_1_net4",
+        "add element inet egressd ws_1_net4 { 192.0.2.0/24, 203.0.113.0/24 }",
+    ]
+    # More range elements to add or delete than allowed: no delta (a new table takes less time).
+    assert table_delta(old, new, 2, max_range_elements=2) is not None
+    assert table_delta(old, new, 2, max_range_elements=1) is None

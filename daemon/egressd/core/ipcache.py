@@ -8,7 +8,7 @@ IPs whose names are no longer allowed, and lets a restart re-render the sets wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, KeysView
 from typing import NamedTuple
 
 #: An answer's TTL is clamped to this many seconds at most (a giant TTL must not pin an IP for ever).
@@ -149,6 +149,10 @@ class IpCache:
         table = self._ws.get(workspace, {})
         for ip in ips:
             table.pop(ip, None)
+
+    def ips(self, workspace: str) -> KeysView[str]:
+        """The IPs held for a workspace, live or not yet expired by expire()."""
+        return self._ws.get(workspace, {}).keys()
 
     def drop_workspace(self, workspace: str) -> None:
         self._ws.pop(workspace, None)

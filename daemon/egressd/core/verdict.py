@@ -65,7 +65,7 @@ def merge_ranges(spans: Iterable[Span], version: int) -> list[tuple[int, int]]:
     """The union of the spans of one IP version as sorted, disjoint, non-adjacent (first, last)
     integer ranges. Integers, not ipaddress objects: a policy may hold 100,000 ranges."""
     out: list[tuple[int, int]] = []
-    for _v, first, last in sorted(sp for sp in spans if sp[0] == version):
+    for _v, first, last in sorted([sp for sp in spans if sp[0] == version]):
         if out and first <= out[-1][1] + 1:
             if last > out[-1][1]:
                 out[-1] = (out[-1][0], last)
@@ -97,9 +97,10 @@ class CompiledPolicy:
             (policy.allowed_internet, allowed, allowed_nets, "allowed_internet_destinations"),
             (policy.blocked_internet, blocked, blocked_nets, "blocked_internet_destinations"),
         ):
+            ip_range = DestinationType.IP_RANGE  # a local: the enum's class attribute is a slow lookup
             for i, dest in enumerate(entries):
                 label = f"{list_name}[{i}] ({dest.destination})"
-                if dest.type is DestinationType.IP_RANGE:
+                if dest.type is ip_range:
                     nets.append((dest.span or _span(ipaddress.ip_network(dest.destination)), label))
                 else:
                     names.append((dest.destination, label))
@@ -114,10 +115,12 @@ class CompiledPolicy:
         self._blocked_names: NameMatcher[str] = NameMatcher(blocked)
         self._allowed_nets = allowed_nets
         self._blocked_nets = blocked_nets
-        self.allowed_ranges_v4 = merge_ranges((sp for sp, _ in allowed_nets), 4)
-        self.allowed_ranges_v6 = merge_ranges((sp for sp, _ in allowed_nets), 6)
-        self.blocked_ranges_v4 = merge_ranges((sp for sp, _ in blocked_nets), 4)
-        self.blocked_ranges_v6 = merge_ranges((sp for sp, _ in blocked_nets), 6)
+        allowed_spans = [sp for sp, _ in allowed_nets]
+        blocked_spans = [sp for sp, _ in blocked_nets]
+        self.allowed_ranges_v4 = merge_ranges(allowed_spans, 4)
+        self.allowed_ranges_v6 = merge_ranges(allowed_spans, 6)
+        self.blocked_ranges_v4 = merge_ranges(blocked_spans, 4)
+        self.blocked_ranges_v6 = merge_ranges(blocked_spans, 6)
 
     # The same unions as ipaddress networks (for people and tests; the renderer uses the ranges).
     @property

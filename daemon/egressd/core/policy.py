@@ -244,12 +244,10 @@ class _Known:
 
     def get(self, obj: Any) -> InternetDestination | None:
         """The destination an entry is exactly, or None (then it is parsed)."""
-        if type(obj) is not dict or not obj.keys() <= _DEST_KEY_SET:
+        plain = _plain_entry(obj)
+        if plain is None:
             return None
-        raw = obj.get("destination")
-        if type(raw) is not str:
-            return None
-        kind = obj.get("internet_destination_type", "DNS_NAME")
+        raw, kind = plain
         if kind == "DNS_NAME":
             return self._names.get(raw)
         if kind == "IP_RANGE":
@@ -257,15 +255,24 @@ class _Known:
         return None
 
 
-def _fast_destination(obj: Any) -> InternetDestination | None:
-    """The plain, valid case of an entry, decided without building error paths; None otherwise
-    (the full parse then decides, and words any error). A policy may hold 100,000 entries."""
+def _plain_entry(obj: Any) -> tuple[str, Any] | None:
+    """(destination, type as given) of an entry that is an object of known keys with a string
+    destination; None otherwise."""
     if type(obj) is not dict or not obj.keys() <= _DEST_KEY_SET:
         return None
     raw = obj.get("destination")
     if type(raw) is not str:
         return None
-    kind = obj.get("internet_destination_type", "DNS_NAME")
+    return raw, obj.get("internet_destination_type", "DNS_NAME")
+
+
+def _fast_destination(obj: Any) -> InternetDestination | None:
+    """The plain, valid case of an entry, decided without building error paths; None otherwise
+    (the full parse then decides, and words any error). A policy may hold 100,000 entries."""
+    plain = _plain_entry(obj)
+    if plain is None:
+        return None
+    raw, kind = plain
     if kind == "DNS_NAME":
         if "*" in raw[2:] or _IP_CHARS.fullmatch(raw):
             return None

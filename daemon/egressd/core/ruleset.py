@@ -176,10 +176,12 @@ def same_skeleton(old: Plan, new: Plan) -> bool:
     ]
 
 
-def _static_sets(was: WorkspacePlan, ws: WorkspacePlan) -> list[tuple[str, list[str], list[str]]]:
-    """(set name, old elements, new elements) of each of a workspace's policy sets (allowed and
-    blocked IP_RANGEs) whose merged ranges differ: those that compare equal, as integers, are
-    not rendered (a policy of 100,000 destinations has 50,000 of them)."""
+Ranges = list[tuple[int, int]]
+
+
+def _static_sets(was: WorkspacePlan, ws: WorkspacePlan) -> list[tuple[str, int, Ranges, Ranges]]:
+    """(set name, IP version, old ranges, new ranges) of each of a workspace's policy sets
+    (allowed and blocked IP_RANGEs) whose merged ranges differ."""
     a, b = was.compiled, ws.compiled
     out = []
     for suffix, version, old, new in (
@@ -189,29 +191,31 @@ def _static_sets(was: WorkspacePlan, ws: WorkspacePlan) -> list[tuple[str, list[
         ("blk6", 6, a.blocked_ranges_v6, b.blocked_ranges_v6),
     ):
         if old != new:
-            out.append((f"{ws.key}_{suffix}", _ranges(old, version), _ranges(new, version)))
+            out.append((f"{ws.key}_{suffix}", version, old, new))
     return out
 
 
-def _set_delta(name: str, was: list[str], now: list[str]) -> list[str]:
-    """Commands that turn a set holding ``was`` into one holding ``now``: deletions, then
-    additions; or, when that would take more elements than ``now`` has, a flush and a refill."""
+def _set_delta(name: str, version: int, was: Ranges, now: Ranges) -> tuple[list[str], int]:
+    """Commands that turn a set holding the ranges ``was`` into one holding ``now``, and how many
+    elements they add or delete: deletions, then additions; or, when that would take more
+    elements than ``now`` has, a flush and a refill. Diffed as integers, and only the elements
+    that change rendered (a policy of 100,000 destinations has 50,000 ranges)."""
     before, after = set(was), set(now)
-    gone = [e for e in was if e not in after]
-    added = [e for e in now if e not in before]
+    gone = [r for r in was if r not in after]
+    added = [r for r in now if r not in before]
     if not gone and not added:
-        return []
+        return [], 0
     if len(gone) + len(added) > len(now):
         lines = [f"flush set {TABLE} {name}"]
         if now:
-            lines.append(f"add element {TABLE} {name} {{ {', '.join(now)} }}")
-        return lines
+            lines.append(f"add element {TABLE} {name} {{ {', '.join(_ranges(now, version))} }}")
+        return lines, len(now)
     lines = []
     if gone:
-        lines.append(f"delete element {TABLE} {name} {{ {', '.join(gone)} }}")
+        lines.append(f"delete element {TABLE} {name} {{ {', '.join(_ranges(gone, version))} }}")
     if added:
-        lines.append(f"add element {TABLE} {name} {{ {', '.join(added)} }}")
-    return lines
+        lines.append(f"add element {TABLE} {name} {{ {', '.join(_ranges(added, version))} }}")
+    return lines, len(gone) + len(added)
 
 
 def table_delta(
@@ -240,9 +244,9 @@ def table_delta(
         changed.add(ws_id)
         if not ws.restricted:
             continue
-        for name, before_elems, after_elems in _static_sets(was, ws):
-            commands = _set_delta(name, before_elems, after_elems)
-            touched += sum(c.count(",") + 1 for c in commands if c.startswith("add") or c.startswith("delete"))
+        for name, version, before_ranges, after_ranges in _static_sets(was, ws):
+            commands, n = _set_delta(name, version, before_ranges, after_ranges)
+            touched += n
             if max_range_elements is not None and touched > max_range_elements:
                 return None
             lines += commands

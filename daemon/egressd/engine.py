@@ -68,9 +68,10 @@ class State:
     connections: Mapping[str, Connections] = field(default_factory=dict)
 
 
-#: libnftables' time per interval-set element a delta adds or deletes (it reads the set's existing
-#: elements back first), relative to its time per element of a new table: a refill of 50,000
-#: ranges took 650-820 ms, a new table with them 430-590 ms.
+#: libnftables' time per element a delta adds or deletes, relative to its time per element of a
+#: new table: it reads an interval set's existing elements back first (a refill of 50,000 ranges
+#: took 650-820 ms, a new table with them 430-590 ms). A delta that would change more elements
+#: than a new table holds, divided by this, replaces the table instead.
 REFILL_COST = 1.4
 
 
@@ -278,7 +279,7 @@ class Engine:
         if replace(opts, generation=0) != replace(self._opts, generation=0) or not same_skeleton(self.plan, plan):
             return False
         text = table_delta(self.plan, plan, opts.generation, self._withdrawn(plan, cache),
-                           max_range_elements=max(int(_table_elements(plan, cache) / REFILL_COST), 10_000))
+                           max_changes=max(int(_table_elements(plan, cache) / REFILL_COST), 10_000))
         if text is None:
             return False
         try:

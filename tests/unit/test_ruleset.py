@@ -230,5 +230,8 @@ def test_table_delta_refills_a_set_whose_elements_all_change(policies):
         "add element inet egressd ws_1_net4 { 192.0.2.0/24, 203.0.113.0/24 }",
     ]
     # More range elements to add or delete than allowed: no delta (a new table takes less time).
-    assert table_delta(old, new, 2, max_range_elements=2) is not None
-    assert table_delta(old, new, 2, max_range_elements=1) is None
+    assert table_delta(old, new, 2, max_changes=2) is not None
+    assert table_delta(old, new, 2, max_changes=1) is None
+    # Withdrawn IPs count twice (an add and a delete each).
+    assert table_delta(old, new, 2, {"1": ["192.0.2.7"]}, max_changes=4) is not None
+    assert table_delta(old, new, 2, {"1": ["192.0.2.7"]}, max_changes=3) is None

@@ -184,7 +184,7 @@ async def test_workloads_come_and_go(api):
     s, body = await api.call("GET", f"{P}/workspaces")
     ws = {w["workspace_id"]: w for w in body["items"]}
     assert ws["1001"]["network_policy_id"] == "restricted-etl" and ws["1001"]["workloads"] == ["wl1"]
-    assert ws["1001"]["destination_count"] == 9  # 7 internet + 2 storage
+    assert ws["1001"]["destination_count"] == 11  # 9 internet + 2 storage
 
 
 async def test_fifty_concurrent_writers_leave_a_serial_state(api):

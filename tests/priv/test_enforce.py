@@ -112,6 +112,14 @@ def test_ip_range_is_allowed_without_dns(env):
     assert env.lab.curl(env.w1, "http://203.0.113.30/", timeout=3)[0] is None
 
 
+def test_single_address_ip_ranges_are_allowed_without_dns(env):
+    # /32 and /128 entries live in the workspace's hash sets, not its interval sets
+    assert env.lab.curl(env.w1, "http://192.0.2.141/")[0] == 200
+    assert env.lab.curl(env.w1, "http://[2001:db8:ff:1::141]/")[0] == 200
+    assert env.lab.curl(env.w1, "http://192.0.2.142/", timeout=3)[0] is None
+    assert env.lab.curl(env.w1, "http://[2001:db8:ff:1::142]/", timeout=3)[0] is None
+
+
 @pytest.mark.parametrize("server", ["198.51.100.99", "2001:db8:ff::99", "192.0.2.53"])
 def test_query_to_another_resolver_is_answered_by_the_shim(env, server):
     # Nothing listens on these addresses: only the shim can answer.

@@ -150,12 +150,12 @@ def _edited() -> dict:
         d for d in access["allowed_internet_destinations"]
         if d["destination"] not in ("files.pythonhosted.org", "203.0.113.128/25")
     ] + [{"destination": d, "internet_destination_type": "IP_RANGE"}
-         for d in ("203.0.113.0/26", "192.0.2.0/24", "2001:db8:ee::/48")]
+         for d in ("203.0.113.0/26", "192.0.2.0/24", "2001:db8:ee::/48", "198.51.100.77/32", "2001:db8:ef::1/128")]
     access["blocked_internet_destinations"].append({"destination": "203.0.113.7/32", "internet_destination_type": "IP_RANGE"})
     return doc
 
 
-POLICY_SETS = ("ws_1000_net4", "ws_1000_net6", "ws_1000_blk4", "ws_1000_blk6")
+POLICY_SETS = ("ws_1000_net4", "ws_1000_net6", "ws_1000_host4", "ws_1000_host6", "ws_1000_blk4", "ws_1000_blk6")
 
 
 def test_a_policy_edit_is_a_delta_equal_to_the_whole_table(scratch_ns, engine) -> None:
@@ -172,6 +172,7 @@ def test_a_policy_edit_is_a_delta_equal_to_the_whole_table(scratch_ns, engine) -
     assert by_delta["ws_1000_net4"] == {"192.0.2.0/24", "203.0.113.0/26"}
     assert by_delta["ws_1000_blk4"] == {"203.0.113.7"}
     assert "2001:db8:ee::/48" in by_delta["ws_1000_net6"]
+    assert by_delta["ws_1000_host4"] == {"198.51.100.77"} and by_delta["ws_1000_host6"] == {"2001:db8:ef::1"}
     assert "10.77.0.1 : goto ws_1000_dry" in by_delta["workload_verdict_v4"]  # w0: enforced before
     # The withdrawn name's IPs left the timeout sets; the allowed name's stayed, untouched.
     assert {e.split()[0] for e in members(scratch_ns, "ws_1000_dyn4")} == {"198.51.100.7"}

@@ -123,17 +123,17 @@ def test_connections_keep_their_compiled_policy_while_unchanged(engine) -> None:
     conns = {"1001": _conns("db.example.com", "198.51.100.50")}
     e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1),), conns), reason="connections")
     assert e.last_apply_scope == "delta"
-    assert "add element inet egressd ws_1001_net4 { 198.51.100.50/32 }" in nft.scripts[-1]
+    assert "add element inet egressd ws_1001_host4 { 198.51.100.50 }" in nft.scripts[-1]
     compiled, table = e.plan.workspaces["1001"].compiled, e.cache._ws["1001"]
     e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1), _wl(2)), dict(conns)), reason="a workload")
     assert e.plan.workspaces["1001"].compiled is compiled and e.cache._ws["1001"] is table
     assert e.last_apply_scope == "delta"
     # Other connections: compiled anew, the old compiled form let go; the same workspaces, so a
-    # delta that takes the connection's network out of the workspace's interval set.
+    # delta that takes the connection's address out of the workspace's set of single addresses.
     e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1), _wl(2)), {"1001": _conns("db.example.com")}),
             reason="fewer connections")
     assert e.plan.workspaces["1001"].compiled is not compiled and e.last_apply_scope == "delta"
-    assert "delete element inet egressd ws_1001_net4 { 198.51.100.50/32 }" in nft.scripts[-1]
+    assert "flush set inet egressd ws_1001_host4\n" in nft.scripts[-1]  # its one element went
     assert all(cp is not compiled for _p, cp in e._compiled.values())
     assert len(_names(e)) == 3
 
@@ -175,7 +175,7 @@ def test_a_policy_edit_that_would_refill_big_range_sets_replaces_the_table(engin
     doc["egress"]["network_access"]["allowed_internet_destinations"].pop()
     e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="one fewer")
     assert e.last_apply_scope == "delta"
-    assert "delete element inet egressd ws_1001_net4 { 10.0.93.191/32 }" in nft.scripts[-1]
+    assert "delete element inet egressd ws_1001_host4 { 10.0.93.191 }" in nft.scripts[-1]
 
 
 def test_gc_paused_restores_what_it_found() -> None:

@@ -235,3 +235,16 @@ def test_table_delta_refills_a_set_whose_elements_all_change(policies):
     # Withdrawn IPs count twice (an add and a delete each).
     assert table_delta(old, new, 2, {"1": ["192.0.2.7"]}, max_changes=4) is not None
     assert table_delta(old, new, 2, {"1": ["192.0.2.7"]}, max_changes=3) is None
+
+
+def test_single_addresses_go_to_a_hash_set_and_ranges_to_an_interval_set(policies):
+    pol = parse_policy(_ranges_policy(["198.51.100.7/32", "198.51.100.64/26", "2001:db8::1/128", "203.0.113.9/32",
+                                       "203.0.113.10/32"]))
+    plan = build_plan({**policies, "p": pol}, {"1": "p"}, [wl("a", "1", "APPS", "10.77.1.2/32")])
+    text = render_table(plan, {}, 0.0, RenderOptions(1, 5353, "reject"))
+    block = text[text.index("set ws_1_net4 {"):text.index("counter ws_1_suppressed")]
+    # adjacent /32s merge into a range; a lone address is a plain hash-set element
+    assert "set ws_1_net4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 198.51.100.64/26, 203.0.113.9-203.0.113.10 }" in block
+    assert "set ws_1_host4 {\n\t\ttype ipv4_addr\n\t\telements = { 198.51.100.7 }" in block
+    assert "set ws_1_host6 {\n\t\ttype ipv6_addr\n\t\telements = { 2001:db8::1 }" in block
+    assert text.count("ip daddr @ws_1_host4 accept") == 2 and text.count("ip6 daddr @ws_1_host6 accept") == 2

@@ -8,7 +8,7 @@ an empty or half-filled table)."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from string import Template
@@ -86,6 +86,20 @@ def _ranges(ranges: list[tuple[int, int]], version: int) -> list[str]:
     return out
 
 
+def _split(ranges: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Merged ranges as (true ranges, single addresses): the interval set and the hash set."""
+    spans, singles = [], []
+    for r in ranges:
+        (singles if r[0] == r[1] else spans).append(r)
+    return spans, singles
+
+
+def _hosts(singles: list[tuple[int, int]], version: int) -> list[str]:
+    """Hash-set elements: plain addresses (a prefix needs an interval set)."""
+    text = _v4 if version == 4 else _v6
+    return [text(first) for first, _ in singles]
+
+
 def _v4(value: int) -> str:
     return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
 
@@ -96,6 +110,7 @@ def _v6(value: int) -> str:
 
 def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: RenderOptions) -> str:
     cp = ws.compiled
+    (net4, host4), (net6, host6) = _split(cp.allowed_ranges_v4), _split(cp.allowed_ranges_v6)
     return _WS_T.substitute(
         nflog_group=opts.nflog_group,
         log_rate=opts.log_rate,
@@ -106,8 +121,10 @@ def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: Ren
         key=ws.key,
         dyn4=_elements(_dyn(dyn, now, v6=False)),
         dyn6=_elements(_dyn(dyn, now, v6=True)),
-        net4=_elements(_ranges(cp.allowed_ranges_v4, 4)),
-        net6=_elements(_ranges(cp.allowed_ranges_v6, 6)),
+        net4=_elements(_ranges(net4, 4)),
+        net6=_elements(_ranges(net6, 6)),
+        host4=_elements(_hosts(host4, 4)),
+        host6=_elements(_hosts(host6, 6)),
         blk4=_elements(_ranges(cp.blocked_ranges_v4, 4)),
         blk6=_elements(_ranges(cp.blocked_ranges_v6, 6)),
     )
@@ -179,23 +196,32 @@ def same_skeleton(old: Plan, new: Plan) -> bool:
 Ranges = list[tuple[int, int]]
 
 
-def _static_sets(was: WorkspacePlan, ws: WorkspacePlan) -> list[tuple[str, int, Ranges, Ranges]]:
-    """(set name, IP version, old ranges, new ranges) of each of a workspace's policy sets
-    (allowed and blocked IP_RANGEs) whose merged ranges differ."""
+Render = Callable[[Ranges, int], list[str]]
+
+
+def _static_sets(was: WorkspacePlan, ws: WorkspacePlan) -> list[tuple[str, Render, int, Ranges, Ranges]]:
+    """(set name, how its elements are written, IP version, old ranges, new ranges) of each of a
+    workspace's policy sets (allowed ranges and single addresses, blocked ranges) that differ."""
     a, b = was.compiled, ws.compiled
     out = []
+    for kind, version, old, new in (
+        ("4", 4, a.allowed_ranges_v4, b.allowed_ranges_v4),
+        ("6", 6, a.allowed_ranges_v6, b.allowed_ranges_v6),
+    ):
+        if old != new:
+            (old_net, old_host), (new_net, new_host) = _split(old), _split(new)
+            out.append((f"{ws.key}_net{kind}", _ranges, version, old_net, new_net))
+            out.append((f"{ws.key}_host{kind}", _hosts, version, old_host, new_host))
     for suffix, version, old, new in (
-        ("net4", 4, a.allowed_ranges_v4, b.allowed_ranges_v4),
-        ("net6", 6, a.allowed_ranges_v6, b.allowed_ranges_v6),
         ("blk4", 4, a.blocked_ranges_v4, b.blocked_ranges_v4),
         ("blk6", 6, a.blocked_ranges_v6, b.blocked_ranges_v6),
     ):
         if old != new:
-            out.append((f"{ws.key}_{suffix}", version, old, new))
+            out.append((f"{ws.key}_{suffix}", _ranges, version, old, new))
     return out
 
 
-def _set_delta(name: str, version: int, was: Ranges, now: Ranges) -> tuple[list[str], int]:
+def _set_delta(name: str, render: Render, version: int, was: Ranges, now: Ranges) -> tuple[list[str], int]:
     """Commands that turn a set holding the ranges ``was`` into one holding ``now``, and how many
     elements they add or delete: deletions, then additions; or, when that would take more
     elements than ``now`` has, a flush and a refill. Diffed as integers, and only the elements
@@ -208,13 +234,13 @@ def _set_delta(name: str, version: int, was: Ranges, now: Ranges) -> tuple[list[
     if len(gone) + len(added) > len(now):
         lines = [f"flush set {TABLE} {name}"]
         if now:
-            lines.append(f"add element {TABLE} {name} {{ {', '.join(_ranges(now, version))} }}")
+            lines.append(f"add element {TABLE} {name} {{ {', '.join(render(now, version))} }}")
         return lines, len(now)
     lines = []
     if gone:
-        lines.append(f"delete element {TABLE} {name} {{ {', '.join(_ranges(gone, version))} }}")
+        lines.append(f"delete element {TABLE} {name} {{ {', '.join(render(gone, version))} }}")
     if added:
-        lines.append(f"add element {TABLE} {name} {{ {', '.join(_ranges(added, version))} }}")
+        lines.append(f"add element {TABLE} {name} {{ {', '.join(render(added, version))} }}")
     return lines, len(gone) + len(added)
 
 
@@ -245,8 +271,8 @@ def table_delta(
         changed.add(ws_id)
         if not ws.restricted:
             continue
-        for name, version, before_ranges, after_ranges in _static_sets(was, ws):
-            commands, n = _set_delta(name, version, before_ranges, after_ranges)
+        for name, render, version, before_ranges, after_ranges in _static_sets(was, ws):
+            commands, n = _set_delta(name, render, version, before_ranges, after_ranges)
             touched += n
             if max_changes is not None and touched > max_changes:
                 return None

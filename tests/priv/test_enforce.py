@@ -114,10 +114,10 @@ def test_ip_range_is_allowed_without_dns(env):
 
 def test_single_address_ip_ranges_are_allowed_without_dns(env):
     # /32 and /128 entries live in the workspace's hash sets, not its interval sets
-    assert env.lab.curl(env.w1, "http://192.0.2.141/")[0] == 200
-    assert env.lab.curl(env.w1, "http://[2001:db8:ff:1::141]/")[0] == 200
-    assert env.lab.curl(env.w1, "http://192.0.2.142/", timeout=3)[0] is None
-    assert env.lab.curl(env.w1, "http://[2001:db8:ff:1::142]/", timeout=3)[0] is None
+    assert env.lab.curl(env.w1, "http://192.0.2.237/")[0] == 200
+    assert env.lab.curl(env.w1, "http://[2001:db8:ff:1::237]/")[0] == 200
+    assert env.lab.curl(env.w1, "http://192.0.2.238/", timeout=3)[0] is None
+    assert env.lab.curl(env.w1, "http://[2001:db8:ff:1::238]/", timeout=3)[0] is None
 
 
 @pytest.mark.parametrize("server", ["198.51.100.99", "2001:db8:ff::99", "192.0.2.53"])

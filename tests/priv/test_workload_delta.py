@@ -172,7 +172,9 @@ def test_a_policy_edit_is_a_delta_equal_to_the_whole_table(scratch_ns, engine) -
     assert by_delta["ws_1000_net4"] == {"192.0.2.0/24", "203.0.113.0/26"}
     assert by_delta["ws_1000_blk4"] == {"203.0.113.7"}
     assert "2001:db8:ee::/48" in by_delta["ws_1000_net6"]
-    assert by_delta["ws_1000_host4"] == {"198.51.100.77"} and by_delta["ws_1000_host6"] == {"2001:db8:ef::1"}
+    # the lab policy's 192.0.2.237/32 merged into the new 192.0.2.0/24; its /128 stays single
+    assert by_delta["ws_1000_host4"] == {"198.51.100.77"}
+    assert by_delta["ws_1000_host6"] == {"2001:db8:ef::1", "2001:db8:ff:1::237"}
     assert "10.77.0.1 : goto ws_1000_dry" in by_delta["workload_verdict_v4"]  # w0: enforced before
     # The withdrawn name's IPs left the timeout sets; the allowed name's stayed, untouched.
     assert {e.split()[0] for e in members(scratch_ns, "ws_1000_dyn4")} == {"198.51.100.7"}

@@ -133,7 +133,7 @@ def test_connections_keep_their_compiled_policy_while_unchanged(engine) -> None:
     e.apply(State(policies, {"1001": "restricted-etl"}, (_wl(1), _wl(2)), {"1001": _conns("db.example.com")}),
             reason="fewer connections")
     assert e.plan.workspaces["1001"].compiled is not compiled and e.last_apply_scope == "delta"
-    assert "flush set inet egressd ws_1001_host4\n" in nft.scripts[-1]  # its one element went
+    assert "delete element inet egressd ws_1001_host4 { 198.51.100.50 }" in nft.scripts[-1]
     assert all(cp is not compiled for _p, cp in e._compiled.values())
     assert len(_names(e)) == 3
 

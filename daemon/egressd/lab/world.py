@@ -65,8 +65,8 @@ ALLOWED = [
     _dest("203.0.113.128/25", "IP_RANGE"),
     _dest("2001:db8:ff:8000::/49", "IP_RANGE"),
     # single addresses: a hash set of their own in the table
-    _dest("192.0.2.141/32", "IP_RANGE"),
-    _dest("2001:db8:ff:1::141/128", "IP_RANGE"),
+    _dest("192.0.2.237/32", "IP_RANGE"),
+    _dest("2001:db8:ff:1::237/128", "IP_RANGE"),
 ]
 BLOCKED = [_dest("gist.githubusercontent.com")]
 STORAGE = [

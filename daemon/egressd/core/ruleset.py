@@ -16,6 +16,7 @@ from string import Template
 from .ipcache import Entry
 from .nfmsg import comment_text
 from .plan import ACCEPT, Plan, WorkspacePlan
+from .verdict import CompiledPolicy
 from .workloads import Workload
 
 TABLE = "inet egressd"
@@ -108,9 +109,34 @@ def _v6(value: int) -> str:
     return ipaddress.IPv6Address(value).compressed
 
 
-def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: RenderOptions) -> str:
-    cp = ws.compiled
+Ranges = list[tuple[int, int]]
+Render = Callable[[Ranges, int], list[str]]
+
+
+def _policy_sets(cp: CompiledPolicy) -> dict[str, tuple[Render, int, Ranges]]:
+    """A workspace's policy sets, by name suffix (the template's placeholders): how their
+    elements are written, their IP version, and their ranges. The allowed single addresses go
+    to hash sets, the allowed and blocked ranges to interval sets. The one source for the
+    rendered table and for a delta's diff of it."""
     (net4, host4), (net6, host6) = _split(cp.allowed_ranges_v4), _split(cp.allowed_ranges_v6)
+    return {
+        "net4": (_ranges, 4, net4),
+        "net6": (_ranges, 6, net6),
+        "host4": (_hosts, 4, host4),
+        "host6": (_hosts, 6, host6),
+        "blk4": (_ranges, 4, cp.blocked_ranges_v4),
+        "blk6": (_ranges, 6, cp.blocked_ranges_v6),
+    }
+
+
+def _same_ranges(a: CompiledPolicy, b: CompiledPolicy) -> bool:
+    """True when two compiled policies put the same elements in the policy sets (integer lists
+    compared: no splitting or rendering of 50,000 ranges for an edit that keeps them)."""
+    return (a.allowed_ranges_v4 == b.allowed_ranges_v4 and a.allowed_ranges_v6 == b.allowed_ranges_v6
+            and a.blocked_ranges_v4 == b.blocked_ranges_v4 and a.blocked_ranges_v6 == b.blocked_ranges_v6)
+
+
+def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: RenderOptions) -> str:
     return _WS_T.substitute(
         nflog_group=opts.nflog_group,
         log_rate=opts.log_rate,
@@ -121,12 +147,8 @@ def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: Ren
         key=ws.key,
         dyn4=_elements(_dyn(dyn, now, v6=False)),
         dyn6=_elements(_dyn(dyn, now, v6=True)),
-        net4=_elements(_ranges(net4, 4)),
-        net6=_elements(_ranges(net6, 6)),
-        host4=_elements(_hosts(host4, 4)),
-        host6=_elements(_hosts(host6, 6)),
-        blk4=_elements(_ranges(cp.blocked_ranges_v4, 4)),
-        blk6=_elements(_ranges(cp.blocked_ranges_v6, 6)),
+        **{suffix: _elements(render(ranges, version))
+           for suffix, (render, version, ranges) in _policy_sets(ws.compiled).items()},
     )
 
 
@@ -193,34 +215,6 @@ def same_skeleton(old: Plan, new: Plan) -> bool:
     ]
 
 
-Ranges = list[tuple[int, int]]
-
-
-Render = Callable[[Ranges, int], list[str]]
-
-
-def _static_sets(was: WorkspacePlan, ws: WorkspacePlan) -> list[tuple[str, Render, int, Ranges, Ranges]]:
-    """(set name, how its elements are written, IP version, old ranges, new ranges) of each of a
-    workspace's policy sets (allowed ranges and single addresses, blocked ranges) that differ."""
-    a, b = was.compiled, ws.compiled
-    out = []
-    for kind, version, old, new in (
-        ("4", 4, a.allowed_ranges_v4, b.allowed_ranges_v4),
-        ("6", 6, a.allowed_ranges_v6, b.allowed_ranges_v6),
-    ):
-        if old != new:
-            (old_net, old_host), (new_net, new_host) = _split(old), _split(new)
-            out.append((f"{ws.key}_net{kind}", _ranges, version, old_net, new_net))
-            out.append((f"{ws.key}_host{kind}", _hosts, version, old_host, new_host))
-    for suffix, version, old, new in (
-        ("blk4", 4, a.blocked_ranges_v4, b.blocked_ranges_v4),
-        ("blk6", 6, a.blocked_ranges_v6, b.blocked_ranges_v6),
-    ):
-        if old != new:
-            out.append((f"{ws.key}_{suffix}", _ranges, version, old, new))
-    return out
-
-
 def _set_delta(name: str, render: Render, version: int, was: Ranges, now: Ranges) -> tuple[list[str], int]:
     """Commands that turn a set holding the ranges ``was`` into one holding ``now``, and how many
     elements they add or delete: deletions, then additions; or, when that would take more
@@ -266,17 +260,19 @@ def table_delta(
     touched = 0
     for ws_id, ws in new.workspaces.items():
         was = old.workspaces.get(ws_id)
-        if was is None or was.compiled is ws.compiled and was.policy is ws.policy:
+        if was is None or was.compiled is ws.compiled:
             continue
         changed.add(ws_id)
         if not ws.restricted:
             continue
-        for name, render, version, before_ranges, after_ranges in _static_sets(was, ws):
-            commands, n = _set_delta(name, render, version, before_ranges, after_ranges)
-            touched += n
-            if max_changes is not None and touched > max_changes:
-                return None
-            lines += commands
+        if not _same_ranges(was.compiled, ws.compiled):
+            before_sets = _policy_sets(was.compiled)
+            for suffix, (render, version, after_ranges) in _policy_sets(ws.compiled).items():
+                commands, n = _set_delta(f"{ws.key}_{suffix}", render, version, before_sets[suffix][2], after_ranges)
+                touched += n
+                if max_changes is not None and touched > max_changes:
+                    return None
+                lines += commands
         for fam, ips in _by_family(withdrawn.get(ws_id, ()) if withdrawn else ()):
             touched += 2 * len(ips)
             if max_changes is not None and touched > max_changes:

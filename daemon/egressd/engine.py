@@ -145,6 +145,7 @@ class Engine:
         # Compiled policies by the identity of the (immutable) Policy they were built from and
         # the extras (from connections) they were built with.
         self._compiled: dict[tuple, tuple[Policy, CompiledPolicy]] = {}
+        self._retired: list[object] = []  # what applies replaced, not yet freed (see take_retired)
 
     def _compile(self, policy: Policy, extra_names: tuple = (), extra_networks: tuple = ()) -> CompiledPolicy:
         """The compiled form of a policy (with a workspace's connections as extras), built once
@@ -164,7 +165,14 @@ class Engine:
         used = {id(ws.compiled) for ws in plan.workspaces.values()}
         for key in [k for k, (_p, cp) in self._compiled.items()
                     if k[0] not in live or (k[1:] != ((), ()) and id(cp) not in used)]:
-            del self._compiled[key]
+            self._retired.append(self._compiled.pop(key))
+
+    def take_retired(self) -> list[object]:
+        """What the applies since the last call replaced (old plans, caches, compiled policies),
+        for the caller to free when it suits it (the admin: once the API reply is out). Whatever
+        is not taken is freed at the start of the next apply."""
+        out, self._retired = self._retired, []
+        return out
 
     # --- the ruleset -------------------------------------------------------------------------
     def adopt(self) -> int:
@@ -219,6 +227,7 @@ class Engine:
         """Validate, render and apply a new state as one transaction. Raises ValidationError or
         ApplyError, changing nothing; on success returns the new generation."""
         t0 = time.perf_counter()
+        self._retired.clear()
         plan = build_plan(
             state.policies,
             state.bindings,
@@ -248,6 +257,7 @@ class Engine:
         old = self.generation
         if scope == "delta":
             self._carry_pending(old, gen, plan, cache)
+        self._retired.append((self.state, self.plan, self.cache))
         self.state, self.plan, self.cache, self.generation, self._opts = state, plan, cache, gen, opts
         self.last_apply_scope = scope
         self._prune_compiled(state, plan)

@@ -178,21 +178,48 @@ def test_a_policy_edit_that_would_refill_big_range_sets_replaces_the_table(engin
     assert "delete element inet egressd ws_1001_host4 { 10.0.93.191 }" in nft.scripts[-1]
 
 
-def test_gc_paused_restores_what_it_found() -> None:
+def test_gc_pause_lasts_until_the_loop_turns() -> None:
+    import asyncio
     import gc
 
-    from egressd.admin import gc_paused
+    from egressd.admin import pause_gc_until_idle
+
+    async def main() -> list[bool]:
+        seen = []
+        pause_gc_until_idle()
+        seen.append(gc.isenabled())
+        pause_gc_until_idle()  # found off: schedules nothing more
+        seen.append(gc.isenabled())
+        await asyncio.sleep(0)
+        seen.append(gc.isenabled())
+        return seen
 
     assert gc.isenabled()
-    with gc_paused():
-        assert not gc.isenabled()
-        with gc_paused():
-            assert not gc.isenabled()
-        assert not gc.isenabled()  # the inner block found it off: it stays off
-    assert gc.isenabled()
-    with pytest.raises(RuntimeError), gc_paused():
-        raise RuntimeError
-    assert gc.isenabled()
+    assert asyncio.run(main()) == [False, False, True]
+    gc.disable()
+    try:
+        async def found_off() -> bool:
+            pause_gc_until_idle()  # someone else turned it off: left to them
+            await asyncio.sleep(0)
+            return gc.isenabled()
+        assert asyncio.run(found_off()) is False
+    finally:
+        gc.enable()
+
+
+def test_an_apply_retires_what_it_replaced_until_taken_or_the_next_apply(engine) -> None:
+    e, _nft, policies = engine
+    doc = world.policy("restricted-etl")
+    doc["egress"]["network_access"]["allowed_internet_destinations"].append({"destination": "new.example"})
+    old_cache = e.cache
+    e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="edit")
+    retired = e.take_retired()
+    assert any(isinstance(x, tuple) and old_cache in x for x in retired)
+    assert e.take_retired() == []
+    e.apply(_state(policies), reason="back")
+    assert e._retired  # held until taken ...
+    e.apply(_state(policies), reason="again")
+    assert all(old_cache not in x for x in e._retired if isinstance(x, tuple))  # ... or the next apply
 
 
 def test_a_policy_edit_withdrawing_many_cached_ips_replaces_the_table(engine) -> None:

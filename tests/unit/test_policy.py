@@ -577,3 +577,57 @@ def test_parse_with_a_previous_version_takes_over_its_canonical_entries() -> Non
     assert again.allowed_internet[0] is previous.allowed_internet[1]  # written as it is kept: taken over
     assert again.blocked_internet[0] == previous.allowed_internet[0]  # normalized: parsed, equal
     assert again.blocked_internet[0] is not previous.allowed_internet[0]
+
+
+# --- a list of entries at a time (one match over all of them) gives what each entry alone does ---
+
+_LIST_RAW = st.one_of(_LABELS, st.lists(_LABELS, min_size=1, max_size=5).map(".".join), _V4_TEXT,
+                      st.sampled_from(["a.b\nc.d", "10.0.0.1\n10.0.0.2", "", "cafe.be", "x" * 254, "a" * 63 + ".b"]))
+
+
+def _entry(raw: Any, kind: Any) -> dict:
+    return {"destination": raw, "internet_destination_type": kind}
+
+
+@settings(max_examples=800, deadline=None)
+@given(entries=st.lists(st.tuples(_LIST_RAW, st.sampled_from(["DNS_NAME", "IP_RANGE", "x"])), max_size=12),
+       canonical=st.integers(0, 40))
+def test_fast_entries_decide_as_each_entry_alone(entries, canonical: int) -> None:
+    from egressd.core.policy import _fast_destination, _fast_entries
+
+    # mostly-canonical lists too (the one-match path), with the drawn entries mixed in
+    items = [_entry(f"h{i}.example.com", "DNS_NAME") if i % 2 else _entry(f"10.0.{i}.{i}/32", "IP_RANGE")
+             for i in range(canonical)] + [_entry(raw, kind) for raw, kind in entries] + ["not an object"]
+    got = _fast_entries(items, None)
+    want = [_fast_destination(item) for item in items]
+    assert [(d.destination, d.type, d.span) if d else None for d in got] == \
+           [(d.destination, d.type, d.span) if d else None for d in want]
+
+
+def test_fast_entries_take_the_canonical_lists_whole() -> None:
+    from egressd.core.policy import _all_canonical_names, _fast_entries
+
+    assert _all_canonical_names(["pypi.org", "*.x.example", "c_d-e.f"])
+    for bad in (["pypi.org", "PyPI.org"], ["pypi.org", "pypi.org\nx"], ["pypi.org", "10.0.0.1"], ["pypi.org", "cafe.be"],
+                ["pypi.org", "x" * 254], ["pypi.org", ""], ["pypi.org", "*.c"], ["pypi.org", "x.*.c"]):
+        assert not _all_canonical_names(bad), bad
+    got = _fast_entries([_entry("10.0.0.0/8", "IP_RANGE"), _entry("10.0.0.1/8", "IP_RANGE"),
+                         _entry("192.0.2.7", "IP_RANGE")], None)
+    assert got[0].span == (4, 0x0A000000, 0x0AFFFFFF) and got[1] is None and got[2].destination == "192.0.2.7/32"
+
+
+def test_a_previous_version_stops_being_looked_up_when_it_finds_nothing() -> None:
+    from egressd.core.policy import _Known
+
+    previous = parse_policy(_doc([{"destination": f"old{i}.example"} for i in range(3)], []))
+    known = _Known(previous.allowed_internet)
+    for i in range(_Known.PROBE - 1):
+        assert known.get(f"new{i}.example", "DNS_NAME") is None
+        assert not known.useless()
+    assert known.get("new.example", "DNS_NAME") is None
+    assert known.useless()
+    assert known.get("old1.example", "DNS_NAME") is previous.allowed_internet[1]
+    assert known.get("old1.example", "IP_RANGE") is None  # the text, and the kind as given
+    big = [{"destination": f"h{i}.example"} for i in range(3000)]
+    again = parse_policy(_doc(big, []), previous=previous)
+    assert again == parse_policy(_doc(big, []))

@@ -215,27 +215,33 @@ def same_skeleton(old: Plan, new: Plan) -> bool:
     ]
 
 
-def _set_delta(name: str, render: Render, version: int, was: Ranges, now: Ranges) -> tuple[list[str], int]:
+def _set_delta(name: str, render: Render, version: int, was: Ranges, now: Ranges,
+               budget: int | None = None) -> tuple[list[str], int] | None:
     """Commands that turn a set holding the ranges ``was`` into one holding ``now``, and how many
     elements they add or delete: deletions, then additions; or, when that would take more
     elements than ``now`` has, a flush and a refill. Diffed as integers, and only the elements
-    that change rendered (a policy of 100,000 destinations has 50,000 ranges)."""
+    that change rendered (a policy of 100,000 destinations has 50,000 ranges). None, with
+    nothing rendered, when that count is over ``budget``."""
     before, after = set(was), set(now)
     gone = [r for r in was if r not in after]
     added = [r for r in now if r not in before]
     if not gone and not added:
         return [], 0
-    if len(gone) + len(added) > len(now):
+    refill = len(gone) + len(added) > len(now)
+    n = len(now) if refill else len(gone) + len(added)
+    if budget is not None and n > budget:
+        return None
+    if refill:
         lines = [f"flush set {TABLE} {name}"]
         if now:
             lines.append(f"add element {TABLE} {name} {{ {', '.join(render(now, version))} }}")
-        return lines, len(now)
+        return lines, n
     lines = []
     if gone:
         lines.append(f"delete element {TABLE} {name} {{ {', '.join(render(gone, version))} }}")
     if added:
         lines.append(f"add element {TABLE} {name} {{ {', '.join(render(added, version))} }}")
-    return lines, len(gone) + len(added)
+    return lines, n
 
 
 def table_delta(
@@ -268,11 +274,12 @@ def table_delta(
         if not _same_ranges(was.compiled, ws.compiled):
             before_sets = _policy_sets(was.compiled)
             for suffix, (render, version, after_ranges) in _policy_sets(ws.compiled).items():
-                commands, n = _set_delta(f"{ws.key}_{suffix}", render, version, before_sets[suffix][2], after_ranges)
-                touched += n
-                if max_changes is not None and touched > max_changes:
+                done = _set_delta(f"{ws.key}_{suffix}", render, version, before_sets[suffix][2], after_ranges,
+                                  None if max_changes is None else max_changes - touched)
+                if done is None:
                     return None
-                lines += commands
+                lines += done[0]
+                touched += done[1]
         for fam, ips in _by_family(withdrawn.get(ws_id, ()) if withdrawn else ()):
             touched += 2 * len(ips)
             if max_changes is not None and touched > max_changes:

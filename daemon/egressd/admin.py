@@ -168,18 +168,24 @@ class Admin:
     async def change(self, edit: Callable[[Pushed], object], *, caller: str, action: str, obj: str) -> object:
         async with self._lock:
             pause_gc_until_idle()
+            hold = getattr(self.engine.nft, "hold_release", None)
+            resume = hold() if hold is not None else None
             try:
                 return self._change(edit, caller=caller, action=action, obj=obj)
             finally:
-                self._release_later()
+                self._release_later(resume)
 
-    def _release_later(self) -> None:
-        """Free the state a change replaced (the old policies, plan and compiled forms: for a
-        policy of 100,000 destinations, freeing them took 50-100 ms) once the reply is out."""
+    def _release_later(self, resume: Callable[[], None] | None) -> None:
+        """Once the reply is out: free the state a change replaced (the old policies, plan and
+        compiled forms: for a policy of 100,000 destinations, freeing them took 50-100 ms), and
+        let libnftables give back the memory of a big command (``resume``, Nft.hold_release)."""
         retired = self.engine.take_retired()
         retired.append(self._retired)
         self._retired = []
-        asyncio.get_running_loop().call_soon(retired.clear)
+        loop = asyncio.get_running_loop()
+        loop.call_soon(retired.clear)
+        if resume is not None:
+            loop.call_soon(resume)
 
     def _change(self, edit: Callable[[Pushed], object], *, caller: str, action: str, obj: str) -> object:
         new = self.pushed.copy()

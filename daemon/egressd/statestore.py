@@ -67,6 +67,37 @@ class Pushed:
             raise ValidationError(FieldError("", f"malformed state: {e}")) from None
 
 
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+_string = json.encoder.encode_basestring_ascii  # what json.dumps writes a string as (in C)
+
+
+def _doc_json(obj: object) -> str:
+    """_dumps of a policy document, its long lists of plain destination entries written by one
+    format per entry: the encoder took 1.1 us per such two-key object, 110 ms for a policy of
+    100,000 destinations, on each change."""
+    if type(obj) is dict and all(type(k) is str for k in obj):
+        return "{" + ",".join([f"{_string(k)}:{_doc_json(obj[k])}" for k in sorted(obj)]) + "}"
+    if type(obj) is list and len(obj) > 16:
+        try:
+            if set(map(type, obj)) == {dict} and set(map(len, obj)) == {2}:
+                return "[" + ",".join([
+                    f'{{"destination":{_string(e["destination"])},'
+                    f'"internet_destination_type":{_string(e["internet_destination_type"])}}}' for e in obj]) + "]"
+        except (KeyError, TypeError):
+            pass  # not the plain entries: the encoder writes it
+    return _dumps(obj)
+
+
+def dumps_state(pushed: Pushed) -> str:
+    """The state file's text: json.dumps(pushed.to_json()), compact, keys sorted."""
+    doc = pushed.to_json()
+    return "{" + ",".join([
+        f"{_string(k)}:{_doc_json(v) if k == 'policies' else _dumps(v)}" for k, v in sorted(doc.items())]) + "}"
+
+
 class StateStore:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
@@ -88,7 +119,7 @@ class StateStore:
         """Write the new state next to the old one, durably. Returns the temporary path.
         Raises StateWriteError (the temporary file removed) when the disk refuses."""
         tmp = self.dir / f".state.json.{os.getpid()}.tmp"
-        data = json.dumps(pushed.to_json(), separators=(",", ":"), sort_keys=True).encode()
+        data = dumps_state(pushed).encode()
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)

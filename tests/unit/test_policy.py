@@ -20,10 +20,11 @@ from egressd.core.policy import (
     Policy,
     RestrictionMode,
     default_policy,
+    parse_internet_destination,
     parse_policy,
 )
-from egressd.core.storage import StorageDestination, StorageDestinationType
-from egressd.errors import ValidationError
+from egressd.core.storage import StorageDestination, StorageDestinationType, quote
+from egressd.errors import FieldError, ValidationError
 
 NA = "egress.network_access"
 AID = f"{NA}.allowed_internet_destinations"
@@ -616,18 +617,54 @@ def test_fast_entries_take_the_canonical_lists_whole() -> None:
     assert got[0].span == (4, 0x0A000000, 0x0AFFFFFF) and got[1] is None and got[2].destination == "192.0.2.7/32"
 
 
-def test_a_previous_version_stops_being_looked_up_when_it_finds_nothing() -> None:
+def test_a_previous_version_is_looked_up_only_when_it_holds_enough_of_the_list() -> None:
     from egressd.core.policy import _Known
 
     previous = parse_policy(_doc([{"destination": f"old{i}.example"} for i in range(3)], []))
     known = _Known(previous.allowed_internet)
-    for i in range(_Known.PROBE - 1):
-        assert known.get(f"new{i}.example", "DNS_NAME") is None
-        assert not known.useless()
-    assert known.get("new.example", "DNS_NAME") is None
-    assert known.useless()
+    assert known.worth_it(["old0.example"] + [f"new{i}.example" for i in range(19)])  # 1 in 20
+    assert not known.worth_it(["old0.example"] + [f"new{i}.example" for i in range(20)])
+    assert known.worth_it(["new.example", "new2.example", "old0.example"])  # shifted a little
+    assert not known.worth_it([None, "new.example"]) and not known.worth_it([])
     assert known.get("old1.example", "DNS_NAME") is previous.allowed_internet[1]
     assert known.get("old1.example", "IP_RANGE") is None  # the text, and the kind as given
     big = [{"destination": f"h{i}.example"} for i in range(3000)]
     again = parse_policy(_doc(big, []), previous=previous)
     assert again == parse_policy(_doc(big, []))
+    kept = parse_policy(_doc([{"destination": "old2.example"}] + big[:10], []), previous=previous)
+    assert kept.allowed_internet[0] is previous.allowed_internet[2]
+
+
+def _reference_destinations(items: list, path: str):
+    """Each entry parsed alone, duplicates refused: what the list-at-a-time parse must give."""
+    out, seen, errors = [], {}, []
+    for i, item in enumerate(items):
+        try:
+            d = parse_internet_destination(item, f"{path}[{i}]")
+        except ValidationError as e:
+            errors += [str(f) for f in e.errors]
+            continue
+        first = seen.setdefault((d.destination, d.type), i)
+        if first != i:
+            errors.append(str(FieldError(f"{path}[{i}].destination",
+                                         f"{quote(d.destination)} duplicates {path.rsplit('.', 1)[-1]}[{first}]")))
+            continue
+        out.append(d)
+    return out, errors
+
+
+@settings(max_examples=600, deadline=None)
+@given(entries=st.lists(st.tuples(_LIST_RAW, st.sampled_from(["DNS_NAME", "IP_RANGE", "x"])), max_size=10),
+       canonical=st.integers(0, 30), dup=st.booleans())
+def test_a_list_parses_as_its_entries_would_alone(entries, canonical: int, dup: bool) -> None:
+    items = [_entry(f"h{i}.example.com", "DNS_NAME") if i % 2 else _entry(f"10.0.{i}.{i}/32", "IP_RANGE")
+             for i in range(canonical)] + [_entry(raw, kind) for raw, kind in entries]
+    if dup and items:
+        items.append(dict(items[0]))
+    path = "egress.network_access.allowed_internet_destinations"
+    want, errors = _reference_destinations(items, path)
+    got = _outcome(_doc(items, []))
+    if errors:
+        assert got == errors
+    else:
+        assert [(d.destination, d.type, d.span) for d in got.allowed_internet] == [(d.destination, d.type, d.span) for d in want]

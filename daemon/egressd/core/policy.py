@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from socket import inet_aton
-from collections.abc import Mapping
+import struct
+from itertools import chain, repeat
+from operator import itemgetter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -117,8 +119,8 @@ class Policy:
             "egress": {
                 "network_access": {
                     "restriction_mode": self.restriction_mode.value,
-                    "allowed_internet_destinations": [d.to_dict() for d in self.allowed_internet],
-                    "blocked_internet_destinations": [d.to_dict() for d in self.blocked_internet],
+                    "allowed_internet_destinations": _entries(self.allowed_internet),
+                    "blocked_internet_destinations": _entries(self.blocked_internet),
                     "allowed_storage_destinations": [d.to_dict() for d in self.allowed_storage],
                     "policy_enforcement": {
                         "enforcement_mode": self.enforcement_mode.value,
@@ -127,6 +129,11 @@ class Policy:
                 }
             },
         }
+
+
+def _entries(dests: tuple[InternetDestination, ...]) -> list[dict[str, str]]:
+    """InternetDestination.to_dict of each, without a method call per entry (100,000 of them)."""
+    return [{"destination": d.destination, "internet_destination_type": d.type._value_} for d in dests]
 
 
 def default_policy() -> Policy:
@@ -187,7 +194,10 @@ class _Parser:
         # where the dataclass's hash calls the enum's (Python) __hash__, twice per entry.
         seen: dict[tuple[str, bool], int] = {}
         items = self.list(value, path)
-        for i, dest in enumerate(_fast_entries(items, self.known)):
+        dests = _fast_entries(items, self.known)
+        if set(map(type, dests)) == {InternetDestination} and len(set(map(_destination_text, dests))) == len(dests):  # type: ignore[arg-type]
+            return tuple(dests)  # type: ignore[arg-type]  # every entry plain and valid, none twice
+        for i, dest in enumerate(dests):
             item = items[i]
             if dest is None:  # not the plain case: the full parse, which words any error
                 try:
@@ -235,27 +245,41 @@ class _Parser:
 
 class _Known:
     """The destinations of a previous version of a policy, by their canonical text (a DNS_NAME
-    pattern never contains the "/" of an IP_RANGE's, so one dict holds both kinds)."""
+    pattern never contains the "/" of an IP_RANGE's, so one dict holds both kinds), built only
+    for a list that looks like an edit of them."""
 
-    PROBE = 1000  # entries looked up before deciding whether looking up is worth it
+    SAMPLE = 200  # positions compared before deciding whether the lookups are worth it
 
     def __init__(self, dests: tuple[InternetDestination, ...]) -> None:
-        self._by_text = dict(zip(map(_destination_text, dests), dests))
-        self._tries = self._hits = 0
+        self._dests = dests
+        self._by_text: dict[str, InternetDestination] | None = None
+
+    @property
+    def lookup(self) -> Callable[[Any], InternetDestination | None]:
+        """text -> the destination of either kind written so, or None."""
+        if self._by_text is None:
+            # 100,000 entries: 30-60 ms (reading each text's hash is a cache miss or two)
+            self._by_text = dict(zip(map(_destination_text, self._dests), self._dests))
+        return self._by_text.get
 
     def get(self, raw: str, kind: Any) -> InternetDestination | None:
-        """The destination a plain entry is exactly, or None (then it is parsed)."""
-        self._tries += 1
-        d = self._by_text.get(raw)
-        if d is None or d.type._value_ != kind:
-            return None
-        self._hits += 1
-        return d
+        """The destination an entry (text, type as given) is exactly, or None."""
+        d = self.lookup(raw)
+        return d if d is not None and d.type._value_ == kind else None
 
-    def useless(self) -> bool:
-        """True once the first PROBE entries found (almost) nothing: a policy rewritten whole,
-        where every lookup would only cost time."""
-        return self._tries == self.PROBE and self._hits * 20 < self._tries
+    def worth_it(self, raws: list[Any]) -> bool:
+        """Whether a list of entries (their texts; None for another shape) looks like an edit
+        that keeps enough of the previous version to look each entry up: at least one in 20 of
+        up to SAMPLE positions, spread over the list, holds the text the previous version holds
+        there (or next to it). Not for a policy rewritten whole, where every lookup would only
+        cost time; a list that is the previous one shifted far is parsed afresh (the same
+        result, more slowly)."""
+        old, n = self._dests, len(raws)
+        if not n or not old:
+            return False
+        picks = range(0, n, max(1, n // self.SAMPLE))
+        hits = sum(1 for i in picks if raws[i] in [d.destination for d in old[max(0, i - 2):i + 3]])
+        return hits * 20 >= len(picks)
 
 
 def _destination_text(d: InternetDestination) -> str:
@@ -264,48 +288,63 @@ def _destination_text(d: InternetDestination) -> str:
 
 def _fast_entries(items: list[Any], known: _Known | None) -> list[InternetDestination | None]:
     """_fast_destination of each entry (None: the full parse decides), the common case of a big
-    policy taken a list at a time: an entry the previous version holds is taken from it; the
-    canonical DNS names, and the canonical IPv4 CIDRs, are each checked by one match over all of
-    them (a per-entry regex cost 1-2.5 us; a policy may hold 100,000 entries). Where a list
-    fails its match, each of its entries is decided alone, as _fast_destination does."""
-    plains = [_plain_entry(item) for item in items]
-    out: list[InternetDestination | None] = [None] * len(items)
-    names: list[int] = []
-    v4: list[int] = []
-    for i, plain in enumerate(plains):
-        if plain is None:
-            continue
-        if known is not None:
-            dest = known.get(*plain)
-            if dest is not None:
-                out[i] = dest
-                continue
-            if known.useless():
-                known = None
-        kind = plain[1]
-        if kind == "DNS_NAME":
-            names.append(i)
-        elif kind == "IP_RANGE":
-            v4.append(i)
+    policy taken a list at a time, with C-level maps where a loop of Python calls cost 2-3 us
+    an entry (a policy may hold 100,000): an entry the previous version holds is taken from it;
+    the canonical DNS names, and the canonical IPv4 CIDRs, are each checked by one match over
+    all of them. Where a list fails its match, each of its entries is decided alone, as
+    _fast_destination does."""
+    n = len(items)
+    if not n:
+        return []
+    if set(map(type, items)) == {dict} and set(chain.from_iterable(items)) <= _DEST_KEY_SET:
+        raws: list[Any] = list(map(dict.get, items, repeat("destination")))
+        kinds: list[Any] = list(map(dict.get, items, repeat("internet_destination_type"), repeat("DNS_NAME")))
+        if set(map(type, raws)) != {str}:
+            raws = [r if type(r) is str else None for r in raws]
+    else:
+        plains = [_plain_entry(item) for item in items]
+        raws = [p[0] if p is not None else None for p in plains]
+        kinds = [p[1] if p is not None else None for p in plains]
+    out: list[InternetDestination | None] = [None] * n
+    if known is not None and known.worth_it(raws):
+        out = [d if d is not None and d.type._value_ == k else None
+               for d, k in zip(map(known.lookup, raws), kinds)]
+    names = [i for i in range(n) if out[i] is None and kinds[i] == "DNS_NAME" and raws[i] is not None]
+    v4 = [i for i in range(n) if out[i] is None and kinds[i] == "IP_RANGE" and raws[i] is not None]
     if names:
-        raws = [plains[i][0] for i in names]  # type: ignore[index]
-        if _all_canonical_names(raws):
-            for i, raw in zip(names, raws):
-                out[i] = InternetDestination(raw)
+        sub = [raws[i] for i in names]
+        if _all_canonical_names(sub):
+            for i, dest in zip(names, map(InternetDestination, sub)):
+                out[i] = dest
         else:
-            for i, raw in zip(names, raws):
+            for i, raw in zip(names, sub):
                 out[i] = _fast_plain(raw, "DNS_NAME")
     if v4:
-        raws = [plains[i][0] for i in v4]  # type: ignore[index]
-        lines = _lines(raws)
+        sub = [raws[i] for i in v4]
+        lines = _lines(sub)
         if lines is not None and _V4_CIDR_LINES.fullmatch(lines):
-            ip_range = DestinationType.IP_RANGE
-            for i, raw in zip(v4, raws):
-                fast = _canonical_v4_span(raw)
-                out[i] = _fast_plain(raw, "IP_RANGE") if fast is None else InternetDestination(fast[0], ip_range, fast[1])
+            for i, dest in zip(v4, _canonical_v4_dests(sub)):
+                out[i] = dest
         else:
-            for i, raw in zip(v4, raws):
+            for i, raw in zip(v4, sub):
                 out[i] = _fast_plain(raw, "IP_RANGE")
+    return out
+
+
+def _canonical_v4_dests(texts: list[str]) -> list[InternetDestination | None]:
+    """_fast_plain of IP_RANGE strings that each match _V4_CIDR (a canonical dotted quad, an
+    optional prefix length), the addresses converted by C-level maps: None where host bits are set."""
+    parts = list(map(str.partition, texts, repeat("/")))
+    octets = map(int, chain.from_iterable(map(str.split, map(itemgetter(0), parts), repeat("."))))
+    values = struct.unpack(f">{len(texts)}I", bytes(octets))
+    ip_range = DestinationType.IP_RANGE
+    out: list[InternetDestination | None] = []
+    for text, (_, slash, plen), value in zip(texts, parts, values):
+        if not slash:
+            out.append(InternetDestination(f"{text}/32", ip_range, (4, value, value)))
+            continue
+        hostmask = (1 << (32 - int(plen))) - 1
+        out.append(None if value & hostmask else InternetDestination(text, ip_range, (4, value, value | hostmask)))
     return out
 
 
@@ -321,18 +360,6 @@ def _all_canonical_names(raws: list[str]) -> bool:
     lines = _lines(raws)
     return (lines is not None and max(map(len, raws)) <= MAX_NAME_LENGTH
             and _CANONICAL_LINES.fullmatch(lines) is not None and _IP_LINE.search(lines) is None)
-
-
-def _canonical_v4_span(text: str) -> tuple[str, Span] | None:
-    """_fast_v4 of a string known to match _V4_CIDR."""
-    addr, slash, plen = text.partition("/")
-    value = int.from_bytes(inet_aton(addr), "big")
-    if not slash:
-        return f"{text}/32", (4, value, value)
-    hostmask = (1 << (32 - int(plen))) - 1
-    if value & hostmask:
-        return None
-    return text, (4, value, value | hostmask)
 
 
 def _plain_entry(obj: Any) -> tuple[str, Any] | None:

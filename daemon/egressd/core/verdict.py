@@ -55,6 +55,7 @@ class Decision:
 
 
 Span = tuple[int, int, int]  # (IP version, first address, last address)
+Tag = int | str  # what a match points at: an index into the policy's list, or a label
 
 
 def _span(net: IPNetwork) -> Span:
@@ -89,21 +90,21 @@ class CompiledPolicy:
         extra_networks: Iterable[tuple[str, str]] = (),
     ):
         self._policy = policy
-        allowed: list[tuple[str, str]] = []
-        blocked: list[tuple[str, str]] = []
-        allowed_nets: list[tuple[Span, str]] = []
-        blocked_nets: list[tuple[Span, str]] = []
-        for entries, names, nets, list_name in (
-            (policy.allowed_internet, allowed, allowed_nets, "allowed_internet_destinations"),
-            (policy.blocked_internet, blocked, blocked_nets, "blocked_internet_destinations"),
+        # Tags: an entry of the policy's internet lists by its index (its label, which names it,
+        # is written when a decision needs it: 100,000 labels cost more than the rest of the
+        # compile); anything else by its label.
+        allowed: list[tuple[str, Tag]] = []
+        blocked: list[tuple[str, Tag]] = []
+        allowed_nets: list[tuple[Span, Tag]] = []
+        blocked_nets: list[tuple[Span, Tag]] = []
+        ip_range = DestinationType.IP_RANGE  # a local: the enum's class attribute is a slow lookup
+        for entries, names, nets in (
+            (policy.allowed_internet, allowed, allowed_nets),
+            (policy.blocked_internet, blocked, blocked_nets),
         ):
-            ip_range = DestinationType.IP_RANGE  # a local: the enum's class attribute is a slow lookup
-            for i, dest in enumerate(entries):
-                label = f"{list_name}[{i}] ({dest.destination})"
-                if dest.type is ip_range:
-                    nets.append((dest.span or _span(ipaddress.ip_network(dest.destination)), label))
-                else:
-                    names.append((dest.destination, label))
+            names += [(d.destination, i) for i, d in enumerate(entries) if d.type is not ip_range]
+            nets += [(d.span or _span(ipaddress.ip_network(d.destination)), i)
+                     for i, d in enumerate(entries) if d.type is ip_range]
         for i, storage in enumerate(policy.allowed_storage):
             label = f"allowed_storage_destinations[{i}] ({storage.describe()})"
             allowed.extend((name, label) for name in storage.names())
@@ -111,8 +112,8 @@ class CompiledPolicy:
         allowed_nets.extend((_span(ipaddress.ip_network(cidr)), label) for cidr, label in extra_networks)
         if not policy.restricted:  # FULL_ACCESS: the lists are kept but ignored
             allowed, blocked, allowed_nets, blocked_nets = [], [], [], []
-        self._allowed_names: NameMatcher[str] = NameMatcher(allowed)
-        self._blocked_names: NameMatcher[str] = NameMatcher(blocked)
+        self._allowed_names: NameMatcher[Tag] = NameMatcher(allowed)
+        self._blocked_names: NameMatcher[Tag] = NameMatcher(blocked)
         self._allowed_nets = allowed_nets
         self._blocked_nets = blocked_nets
         allowed_spans = [sp for sp, _ in allowed_nets]
@@ -147,6 +148,14 @@ class CompiledPolicy:
         verdict = Verdict.LOG_ONLY_DENIAL if self._policy.is_dry_run(product) else Verdict.DROP
         return Decision(verdict, self._policy.network_policy_id, reason, matched, destination_type)
 
+    @staticmethod
+    def _label(tag: Tag, list_name: str, entries: tuple) -> str:
+        """What a decision names as its match: ``list[i] (destination)`` for an entry of the
+        policy's internet lists, else the label it was given."""
+        if type(tag) is int:
+            return f"{list_name}[{tag}] ({entries[tag].destination})"
+        return tag  # type: ignore[return-value]
+
     def _allow(self, reason: str, matched: str | None, destination_type: str) -> Decision:
         return Decision(Verdict.ALLOW, self._policy.network_policy_id, reason, matched, destination_type)
 
@@ -159,11 +168,13 @@ class CompiledPolicy:
         except ValueError:
             return self._deny(product, "invalid name", None, "DNS")
         kind = "STORAGE" if storage_host(normalized) is not None else "DNS"
-        blocked = self._blocked_names.match(normalized)
-        if blocked is not None:
+        tag = self._blocked_names.match(normalized)
+        if tag is not None:
+            blocked = self._label(tag, "blocked_internet_destinations", self._policy.blocked_internet)
             return self._deny(product, f"blocked by {blocked}", blocked, kind)
-        allowed = self._allowed_names.match(normalized)
-        if allowed is not None:
+        tag = self._allowed_names.match(normalized)
+        if tag is not None:
+            allowed = self._label(tag, "allowed_internet_destinations", self._policy.allowed_internet)
             return self._allow(f"allowed by {allowed}", allowed, kind)
         return self._deny(product, NO_MATCH_REASON, None, kind)
 
@@ -177,19 +188,21 @@ class CompiledPolicy:
             address = address.ipv4_mapped
         if not self._policy.restricted:
             return self._allow("FULL_ACCESS", None, "IP")
-        blocked = _best(address, self._blocked_nets)
-        if blocked is not None:
+        tag = _best(address, self._blocked_nets)
+        if tag is not None:
+            blocked = self._label(tag, "blocked_internet_destinations", self._policy.blocked_internet)
             return self._deny(product, f"blocked by {blocked}", blocked, "IP")
-        allowed = _best(address, self._allowed_nets)
-        if allowed is not None:
+        tag = _best(address, self._allowed_nets)
+        if tag is not None:
+            allowed = self._label(tag, "allowed_internet_destinations", self._policy.allowed_internet)
             return self._allow(f"allowed by {allowed}", allowed, "IP")
         return self._deny(product, IP_NO_MATCH_REASON, None, "IP")
 
 
-def _best(address: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[tuple[Span, str]]) -> str | None:
-    """The label of the most specific range containing the address (first one on ties), or None."""
+def _best(address: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[tuple[Span, Tag]]) -> Tag | None:
+    """The tag of the most specific range containing the address (first one on ties), or None."""
     value, version = int(address), address.version
-    best: tuple[int, str] | None = None
+    best: tuple[int, Tag] | None = None
     for (v, first, last), label in nets:
         if v == version and first <= value <= last and (best is None or last - first < best[0]):
             best = (last - first, label)

@@ -196,6 +196,13 @@ def test_gc_pause_lasts_until_the_loop_turns() -> None:
 
     assert gc.isenabled()
     assert asyncio.run(main()) == [False, False, True]
+
+    async def last_step() -> bool:
+        pause_gc_until_idle()
+        return gc.isenabled()  # the loop ends here: its shutdown still runs the callback
+
+    assert asyncio.run(last_step()) is False
+    assert gc.isenabled()
     gc.disable()
     try:
         async def found_off() -> bool:

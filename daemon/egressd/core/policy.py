@@ -12,8 +12,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from itertools import chain, repeat
-from operator import itemgetter
+from itertools import chain, compress, repeat
+from operator import attrgetter, eq, itemgetter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -195,7 +195,7 @@ class _Parser:
         seen: dict[tuple[str, bool], int] = {}
         items = self.list(value, path)
         dests = _fast_entries(items, self.known)
-        if set(map(type, dests)) == {InternetDestination} and len(set(map(_destination_text, dests))) == len(dests):  # type: ignore[arg-type]
+        if set(map(type, dests)) == {InternetDestination} and len(set(map(_TEXT, dests))) == len(dests):  # type: ignore[arg-type]
             return tuple(dests)  # type: ignore[arg-type]  # every entry plain and valid, none twice
         for i, dest in enumerate(dests):
             item = items[i]
@@ -259,7 +259,7 @@ class _Known:
         """text -> the destination of either kind written so, or None."""
         if self._by_text is None:
             # 100,000 entries: 30-60 ms (reading each text's hash is a cache miss or two)
-            self._by_text = dict(zip(map(_destination_text, self._dests), self._dests))
+            self._by_text = dict(zip(map(_TEXT, self._dests), self._dests))
         return self._by_text.get
 
     def get(self, raw: str, kind: Any) -> InternetDestination | None:
@@ -282,8 +282,7 @@ class _Known:
         return hits * 20 >= len(picks)
 
 
-def _destination_text(d: InternetDestination) -> str:
-    return d.destination
+_TEXT = attrgetter("destination")  # an InternetDestination's text
 
 
 def _fast_entries(items: list[Any], known: _Known | None) -> list[InternetDestination | None]:
@@ -296,21 +295,28 @@ def _fast_entries(items: list[Any], known: _Known | None) -> list[InternetDestin
     n = len(items)
     if not n:
         return []
+    all_plain = False  # every entry an object of known keys with a string destination
     if set(map(type, items)) == {dict} and set(chain.from_iterable(items)) <= _DEST_KEY_SET:
         raws: list[Any] = list(map(dict.get, items, repeat("destination")))
         kinds: list[Any] = list(map(dict.get, items, repeat("internet_destination_type"), repeat("DNS_NAME")))
-        if set(map(type, raws)) != {str}:
+        all_plain = set(map(type, raws)) == {str}
+        if not all_plain:
             raws = [r if type(r) is str else None for r in raws]
     else:
         plains = [_plain_entry(item) for item in items]
         raws = [p[0] if p is not None else None for p in plains]
         kinds = [p[1] if p is not None else None for p in plains]
     out: list[InternetDestination | None] = [None] * n
-    if known is not None and known.worth_it(raws):
+    known_used = known is not None and known.worth_it(raws)
+    if known_used:
         out = [d if d is not None and d.type._value_ == k else None
-               for d, k in zip(map(known.lookup, raws), kinds)]
-    names = [i for i in range(n) if out[i] is None and kinds[i] == "DNS_NAME" and raws[i] is not None]
-    v4 = [i for i in range(n) if out[i] is None and kinds[i] == "IP_RANGE" and raws[i] is not None]
+               for d, k in zip(map(known.lookup, raws), kinds)]  # type: ignore[union-attr]
+    if all_plain and known_used is False:
+        names = list(compress(range(n), map(eq, kinds, repeat("DNS_NAME"))))
+        v4 = list(compress(range(n), map(eq, kinds, repeat("IP_RANGE"))))
+    else:
+        names = [i for i in range(n) if out[i] is None and kinds[i] == "DNS_NAME" and raws[i] is not None]
+        v4 = [i for i in range(n) if out[i] is None and kinds[i] == "IP_RANGE" and raws[i] is not None]
     if names:
         sub = [raws[i] for i in names]
         if _all_canonical_names(sub):
@@ -338,6 +344,10 @@ def _canonical_v4_dests(texts: list[str]) -> list[InternetDestination | None]:
     octets = map(int, chain.from_iterable(map(str.split, map(itemgetter(0), parts), repeat("."))))
     values = struct.unpack(f">{len(texts)}I", bytes(octets))
     ip_range = DestinationType.IP_RANGE
+    lengths = set(map(itemgetter(2), parts))
+    if lengths <= {"", "32"}:  # single addresses only (the common case of a long list): no loop
+        canonical = texts if "" not in lengths else [f"{p[0]}/32" for p in parts]
+        return list(map(InternetDestination, canonical, repeat(ip_range), zip(repeat(4), values, values)))
     out: list[InternetDestination | None] = []
     for text, (_, slash, plen), value in zip(texts, parts, values):
         if not slash:

@@ -195,15 +195,20 @@ class Admin:
         old_gen = self.engine.generation
         failed = {"caller": caller, "action": action, "object": obj, "generation": old_gen}
         try:
-            tmp = self.store.prepare(new)
+            prepared = self.store.begin(new)
         except StateWriteError as e:
             log.error("api_change_failed", step="write_state", error=str(e), **failed)
             raise
         try:
-            self.engine.apply(eff.state(), reason=f"{action} {obj}")
+            # The state file is durable before the kernel is touched (before_kernel), and is
+            # written meanwhile: a failed write changes nothing.
+            self.engine.apply(eff.state(), reason=f"{action} {obj}", before_kernel=prepared.wait)
+            tmp = prepared.wait()
         except BaseException as e:
-            self.store.abort(tmp)
-            if isinstance(e, ApplyError):
+            prepared.abort()
+            if isinstance(e, StateWriteError):
+                log.error("api_change_failed", step="write_state", error=str(e), **failed)
+            elif isinstance(e, ApplyError):
                 log.error("api_change_failed", step="apply", error=str(e), **failed)
             raise
         try:

@@ -146,6 +146,7 @@ class Engine:
         # the extras (from connections) they were built with.
         self._compiled: dict[tuple, tuple[Policy, CompiledPolicy]] = {}
         self._retired: list[object] = []  # what applies replaced, not yet freed (see take_retired)
+        self._gate: Callable[[], object] | None = None  # apply()'s before_kernel, until called
 
     def _compile(self, policy: Policy, extra_names: tuple = (), extra_networks: tuple = ()) -> CompiledPolicy:
         """The compiled form of a policy (with a workspace's connections as extras), built once
@@ -223,10 +224,13 @@ class Engine:
             if e and "expires" in e:
                 yield str(e["val"]), str(e.get("comment", "")), float(e["expires"])
 
-    def apply(self, state: State, *, reason: str) -> int:
+    def apply(self, state: State, *, reason: str, before_kernel: Callable[[], object] | None = None) -> int:
         """Validate, render and apply a new state as one transaction. Raises ValidationError or
-        ApplyError, changing nothing; on success returns the new generation."""
+        ApplyError, changing nothing; on success returns the new generation. ``before_kernel``
+        is called (once) right before the first kernel command: what it raises propagates, the
+        kernel untouched (the admin waits there for its state file to be durable)."""
         t0 = time.perf_counter()
+        self._gate = before_kernel
         self._retired.clear()
         plan = build_plan(
             state.policies,
@@ -251,7 +255,7 @@ class Engine:
             now = self.clock()
             text = render_table(plan, {ws: list(cache.entries(ws, now)) for ws in cache.workspaces()}, now, opts)
             t1 = time.perf_counter()
-            self.nft.run(replace_table(text))
+            self._kernel(replace_table(text))
             del text
         nft_ms = (time.perf_counter() - t1) * 1000
         old = self.generation
@@ -293,11 +297,18 @@ class Engine:
         if text is None:
             return False
         try:
-            self.nft.run(text)
+            self._kernel(text)
         except ApplyError as e:
             log.warning("delta_apply_failed", error=str(e), fallback="whole table")
             return False
         return True
+
+    def _kernel(self, text: str) -> None:
+        """nft.run of an apply's transaction, after its before_kernel gate (once)."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate()
+        self.nft.run(text)
 
     def _carry_pending(self, old: int, gen: int, plan: Plan, cache: IpCache) -> None:
         """After a delta: answers whose elements wait for this turn's batch. A whole table renders

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,55 @@ def dumps_state(pushed: Pushed) -> str:
         f"{_string(k)}:{_doc_json(v) if k == 'policies' else _dumps(v)}" for k, v in sorted(doc.items())]) + "}"
 
 
+class PreparedState:
+    """A state file being written (StateStore.begin): a file of THREAD_AFTER bytes or more is
+    written and fsynced by a thread (a state of 100,000 destinations: 7.5 MB, 20-50 ms, during
+    which the change is planned and rendered), a smaller one at once."""
+
+    THREAD_AFTER = 256 * 1024
+
+    def __init__(self, path: Path, fd: int, data: bytes) -> None:
+        self.path = path
+        self._error: OSError | None = None
+        self._done = False
+        self._thread: threading.Thread | None = None
+        if len(data) < self.THREAD_AFTER:
+            self._write(fd, data)
+        else:
+            self._thread = threading.Thread(target=self._write, args=(fd, data), name="egressd-state-write", daemon=True)
+            self._thread.start()
+
+    def _write(self, fd: int, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            self._error = e
+        finally:
+            os.close(fd)
+
+    def wait(self) -> Path:
+        """The path, once the file is written and fsynced. Raises StateWriteError (the file
+        removed) when the disk refused; again on every later call."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            self.path.unlink(missing_ok=True)
+            raise _write_error("write", self.path, self._error)
+        return self.path
+
+    def abort(self) -> None:
+        """The change is given up: wait for the writer, remove the file."""
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 class StateStore:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
@@ -118,6 +168,13 @@ class StateStore:
     def prepare(self, pushed: Pushed) -> Path:
         """Write the new state next to the old one, durably. Returns the temporary path.
         Raises StateWriteError (the temporary file removed) when the disk refuses."""
+        return self.begin(pushed).wait()
+
+    def begin(self, pushed: Pushed) -> "PreparedState":
+        """prepare(), with a big file written and fsynced by a thread: its wait() returns the
+        path once the file is durable (or raises StateWriteError). Meanwhile the caller can
+        plan and render the change, but must not touch the kernel before wait() returned.
+        Raises StateWriteError at once when the file cannot be created."""
         tmp = self.dir / f".state.json.{os.getpid()}.tmp"
         data = dumps_state(pushed).encode()
         try:
@@ -125,17 +182,7 @@ class StateStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         except OSError as e:
             raise _write_error("create", tmp, e) from None
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError as e:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise _write_error("write", tmp, e) from None
-        os.close(fd)
-        return tmp
+        return PreparedState(tmp, fd, data)
 
     def commit(self, tmp: Path) -> None:
         """Rename the prepared file over the state file. Raises StateWriteError if the rename

@@ -242,3 +242,24 @@ def test_a_policy_edit_withdrawing_many_cached_ips_replaces_the_table(engine) ->
     e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="narrower")
     assert e.last_apply_scope == "table" and nft.scripts[-1].startswith("table inet egressd\ndelete table")
     assert "10.9.0.1" not in nft.scripts[-1] and _names(e) == {"198.51.100.1": "pypi.org", "198.51.100.3": "docs.pypi.org"}
+
+
+def test_the_gate_runs_before_the_kernel_and_a_failing_gate_changes_nothing(engine) -> None:
+    e, nft, policies = engine
+    seen: list[int] = []
+    gen = e.generation
+    e.apply(_state(policies, n=3), reason="gated", before_kernel=lambda: seen.append(len(nft.scripts)))
+    assert seen == [len(nft.scripts) - 1] and e.generation == gen + 1  # once, right before the one transaction
+
+    class Refused(Exception):
+        pass
+
+    def refuse() -> None:
+        raise Refused
+
+    before = list(nft.scripts)
+    with pytest.raises(Refused):
+        e.apply(_state(policies, n=5), reason="gate refuses", before_kernel=refuse)
+    assert nft.scripts == before and e.generation == gen + 1
+    e.apply(_state(policies, n=5), reason="no gate")  # a later apply is not held by the old gate
+    assert e.generation == gen + 2

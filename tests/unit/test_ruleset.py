@@ -248,3 +248,19 @@ def test_single_addresses_go_to_a_hash_set_and_ranges_to_an_interval_set(policie
     assert "set ws_1_host4 {\n\t\ttype ipv4_addr\n\t\telements = { 198.51.100.7 }" in block
     assert "set ws_1_host6 {\n\t\ttype ipv6_addr\n\t\telements = { 2001:db8::1 }" in block
     assert text.count("ip daddr @ws_1_host4 accept") == 2 and text.count("ip6 daddr @ws_1_host6 accept") == 2
+
+
+def test_a_sampled_diff_gives_up_only_on_a_set_mostly_replaced() -> None:
+    from egressd.core.ruleset import _set_delta, _surely_over
+
+    was = [(2 * i, 2 * i) for i in range(10_000)]
+    odd = [(2 * i + 1, 2 * i + 1) for i in range(10_000)]
+    assert _surely_over(was, odd, budget=5_000)
+    assert _set_delta("s", lambda rs, v: [str(a) for a, _ in rs], 4, was, odd, budget=5_000) is None
+    tenth = [r if i % 10 else (r[0] + 1, r[1] + 1) for i, r in enumerate(was)]
+    assert not _surely_over(was, tenth, budget=5_000)  # 1,000 of 10,000 changed: worked out
+    lines, n = _set_delta("s", lambda rs, v: [str(a) for a, _ in rs], 4, was, tenth, budget=5_000)
+    assert n == 2_000 and lines[0].startswith("delete element")
+    assert not _surely_over(was, odd, budget=10_000)  # within the budget: worked out exactly
+    assert not _surely_over([], odd[:100], budget=10)  # too small to sample
+    assert _surely_over([], odd, budget=5_000)  # a new set of 10,000: over

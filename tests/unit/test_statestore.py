@@ -54,3 +54,83 @@ def test_a_policy_of_many_destinations_round_trips(tmp_path) -> None:
     store.commit(store.prepare(pushed))
     loaded = store.load()
     assert loaded == pushed and parse_policy(loaded.policies["p"]) == pol
+
+
+def test_a_big_state_is_written_by_a_thread_and_a_failure_shows_at_wait(tmp_path, monkeypatch) -> None:
+    import errno
+    import os
+
+    import pytest
+
+    from egressd.statestore import PreparedState, StateWriteError
+
+    store = StateStore(tmp_path)
+    big = Pushed({"p": {"x": "y" * PreparedState.THREAD_AFTER}}, {}, {}, {})
+    prepared = store.begin(big)
+    assert prepared._thread is not None
+    path = prepared.wait()
+    assert path.read_text() == dumps_state(big) and prepared.wait() == path
+    store.commit(path)
+    assert store.load() == big
+
+    real_write = os.write
+
+    def full(fd: int, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    failing = store.begin(Pushed({"q": {"x": "z" * PreparedState.THREAD_AFTER}}, {}, {}, {}))
+    with pytest.raises(StateWriteError, match="No space left"):
+        failing.wait()
+    with pytest.raises(StateWriteError):
+        failing.wait()  # again, every time
+    assert not failing.path.exists()
+    small = store.begin(Pushed({"r": {}}, {}, {}, {}))  # written at once: the error is there at wait too
+    assert small._thread is None
+    with pytest.raises(StateWriteError):
+        small.wait()
+    monkeypatch.setattr(os, "write", real_write)
+    assert store.load() == big  # the committed state is untouched
+
+
+def test_a_change_whose_big_state_file_fails_leaves_the_kernel_untouched(tmp_path, monkeypatch) -> None:
+    import asyncio
+    import errno
+    import os
+
+    import pytest
+
+    from egressd.admin import Admin
+    from egressd.baked import Baked
+    from egressd.core.config import config_from_dict
+    from egressd.core.policy import default_policy
+    from egressd.engine import Engine
+    from egressd.statestore import StateWriteError
+
+    class Nft:
+        def __init__(self) -> None:
+            self.scripts: list[str] = []
+
+        def run(self, script: str) -> None:
+            self.scripts.append(script)
+
+    cfg = config_from_dict({"dns": {"upstreams": ["203.0.113.2"]}, "state": {"dir": str(tmp_path)}})
+    nft = Nft()
+    admin = Admin(Engine(cfg, nft), StateStore(tmp_path), Baked(cfg, {"default-policy": default_policy()}, {}, ()))  # type: ignore[arg-type]
+    admin.start()
+    doc = {"network_policy_id": "big", "egress": {"network_access": {"restriction_mode": "RESTRICTED_ACCESS",
+           "allowed_internet_destinations": [{"destination": f"h{i}.example.com"} for i in range(5000)]}}}
+
+    def full(fd: int, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    scripts, gen = list(nft.scripts), admin.engine.generation
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(StateWriteError, match="No space left"):
+        asyncio.run(admin.put_policy(doc, caller="test", path_id="big"))
+    monkeypatch.undo()
+    assert nft.scripts == scripts and admin.engine.generation == gen  # the kernel never saw it
+    assert "big" not in admin.effective.policies and not list(tmp_path.glob(".state.json.*"))
+    asyncio.run(admin.put_policy(doc, caller="test", path_id="big"))  # space again: it goes through
+    assert "big" in admin.effective.policies and admin.engine.generation == gen + 1
+    assert "big" in StateStore(tmp_path).load().policies

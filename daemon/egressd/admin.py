@@ -202,7 +202,7 @@ class Admin:
         try:
             # The state file is durable before the kernel is touched (before_kernel), and is
             # written meanwhile: a failed write changes nothing.
-            self.engine.apply(eff.state(), reason=f"{action} {obj}", before_kernel=prepared.wait)
+            self.engine.apply(eff.state(), reason=f"{action} {obj}", before_kernel=prepared.wait, keep_retired=True)
             tmp = prepared.wait()
         except BaseException as e:
             prepared.abort()

@@ -224,11 +224,14 @@ class Engine:
             if e and "expires" in e:
                 yield str(e["val"]), str(e.get("comment", "")), float(e["expires"])
 
-    def apply(self, state: State, *, reason: str, before_kernel: Callable[[], object] | None = None) -> int:
+    def apply(self, state: State, *, reason: str, before_kernel: Callable[[], object] | None = None,
+              keep_retired: bool = False) -> int:
         """Validate, render and apply a new state as one transaction. Raises ValidationError or
         ApplyError, changing nothing; on success returns the new generation. ``before_kernel``
         is called (once) right before the first kernel command: what it raises propagates, the
-        kernel untouched (the admin waits there for its state file to be durable)."""
+        kernel untouched (the admin waits there for its state file to be durable).
+        ``keep_retired``: hold what the apply replaced for take_retired() instead of freeing it
+        here (a start that adopted 115,000 cached IPs would otherwise keep their old cache)."""
         t0 = time.perf_counter()
         self._gate = before_kernel
         self._retired.clear()
@@ -265,6 +268,8 @@ class Engine:
         self.state, self.plan, self.cache, self.generation, self._opts = state, plan, cache, gen, opts
         self.last_apply_scope = scope
         self._prune_compiled(state, plan)
+        if not keep_retired:
+            self._retired.clear()
         self.last_apply_ms = (time.perf_counter() - t0) * 1000
         self.last_apply_wall = time.time()
         log.info(

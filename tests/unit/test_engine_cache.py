@@ -219,14 +219,16 @@ def test_an_apply_retires_what_it_replaced_until_taken_or_the_next_apply(engine)
     doc = world.policy("restricted-etl")
     doc["egress"]["network_access"]["allowed_internet_destinations"].append({"destination": "new.example"})
     old_cache = e.cache
-    e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="edit")
+    e.apply(_state({**policies, "restricted-etl": parse_policy(doc)}), reason="edit", keep_retired=True)
     retired = e.take_retired()
     assert any(isinstance(x, tuple) and old_cache in x for x in retired)
     assert e.take_retired() == []
-    e.apply(_state(policies), reason="back")
+    e.apply(_state(policies), reason="back", keep_retired=True)
     assert e._retired  # held until taken ...
-    e.apply(_state(policies), reason="again")
+    e.apply(_state(policies), reason="again", keep_retired=True)
     assert all(old_cache not in x for x in e._retired if isinstance(x, tuple))  # ... or the next apply
+    e.apply(_state(policies), reason="not kept")
+    assert e._retired == []  # an apply that does not keep them frees them itself (a start, a SIGHUP)
 
 
 def test_a_policy_edit_withdrawing_many_cached_ips_replaces_the_table(engine) -> None:

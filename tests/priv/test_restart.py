@@ -15,18 +15,22 @@ PROBE = textwrap.dedent(
     """
     import socket, sys, time
     denied, allowed, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    end = time.monotonic() + seconds
+    t0 = time.monotonic()
+    end = t0 + seconds
     through = allowed_fail = tries = 0
+    when = []  # seconds since the start of each denied connection that got through
     while time.monotonic() < end:
         tries += 1
         for ip, bad in ((denied, True), (allowed, False)):
             try:
                 socket.create_connection((ip, 80), timeout=0.2).close()
                 through += bad
+                if bad:
+                    when.append(round(time.monotonic() - t0, 3))
             except OSError:
                 allowed_fail += not bad
         time.sleep(0.02)
-    print(tries, through, allowed_fail)
+    print(tries, through, allowed_fail, ",".join(map(str, when)) or "-")
     """
 )
 
@@ -73,7 +77,10 @@ def test_restart_keeps_restricted_closed_and_resolved_ips_open(lab):
     g1 = generation(lab)
     probe = lab.popen(w1.netns, [__import__("sys").executable, "-c", PROBE, "192.0.2.99", "198.51.100.10", "4"],
                       stdout=__import__("subprocess").PIPE, text=True)
+    t0 = time.monotonic()
+    marks = {}  # when each step began, in seconds since the probe (to place a failure)
     time.sleep(0.5)
+    marks["stop"] = round(time.monotonic() - t0, 3)
     d.stop()
     # No daemon: the rules stay (fail closed); the resolved IP still works, DNS does not.
     assert lab.curl(w1, "http://192.0.2.99/")[0] is None
@@ -81,12 +88,16 @@ def test_restart_keeps_restricted_closed_and_resolved_ips_open(lab):
     assert lab.dig(w1, "pypi.org", timeout=2).status in (None, "SERVFAIL")
     time.sleep(0.5)
     d2 = DaemonProc(lab, config, name="egressd2")
+    marks["start"] = round(time.monotonic() - t0, 3)
     d2.start()
+    marks["ready"] = round(time.monotonic() - t0, 3)
     try:
         out, _ = probe.communicate(timeout=10)
-        tries, through, allowed_fail = map(int, out.split())
+        counts, when = out.split()[:3], out.split()[3]
+        tries, through, allowed_fail = map(int, counts)
         assert tries > 50
-        assert through == 0, "a denied IP got through during the restart"
+        assert through == 0, (f"a denied IP got through during the restart, at {when} s; steps at {marks}\n"
+                              f"first daemon:\n{d.log()[-3000:]}\nsecond daemon:\n{d2.log()[-3000:]}")
         assert allowed_fail == 0, "a resolved IP was closed during the restart"
         assert generation(lab) == g1 + 1
         # the adopted entry is still there, and DNS answers again

@@ -169,9 +169,9 @@ class Engine:
             self._retired.append(self._compiled.pop(key))
 
     def take_retired(self) -> list[object]:
-        """What the applies since the last call replaced (old plans, caches, compiled policies),
-        for the caller to free when it suits it (the admin: once the API reply is out). Whatever
-        is not taken is freed at the start of the next apply."""
+        """What an apply(keep_retired=True) replaced (old plans, caches, compiled policies), for
+        the caller to free when it suits it (the admin: once the API reply is out). Whatever is
+        not taken is freed at the start of the next apply."""
         out, self._retired = self._retired, []
         return out
 

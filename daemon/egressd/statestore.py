@@ -109,7 +109,6 @@ class PreparedState:
     def __init__(self, path: Path, fd: int, data: bytes) -> None:
         self.path = path
         self._error: OSError | None = None
-        self._done = False
         self._thread: threading.Thread | None = None
         if len(data) < self.THREAD_AFTER:
             self._write(fd, data)

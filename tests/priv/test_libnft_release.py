@@ -46,3 +46,24 @@ def test_big_commands_and_listings_release_their_memory(scratch_ns):
     assert "ws_1_dyn4" in scratch_ns.ruleset()
     nft.run("delete table inet egressd")
     assert not nft.table_exists("inet egressd")
+
+
+def test_a_held_release_waits_for_its_resume(scratch_ns):
+    nft = scratch_ns.nft
+    gc.collect()
+    before = _rss_mb()
+    resume = nft.hold_release()
+    text = _big_set()
+    nft.run(text)
+    del text
+    gc.collect()
+    held = _rss_mb()
+    resume()
+    # The command's cache (~40 MB) stayed until the resume, which gave it back.
+    assert held - _rss_mb() > 20, (held, _rss_mb())
+    assert _rss_mb() - before < 25
+    resume()  # a second call does nothing
+    nft.run(_big_set().replace("table inet egressd {", "flush set inet egressd ws_1_dyn4\ntable inet egressd {", 1))
+    gc.collect()
+    assert _rss_mb() - before < 25  # nothing holds it any more: released at once again
+    nft.run("delete table inet egressd")

@@ -626,8 +626,12 @@ def test_a_previous_version_is_looked_up_only_when_it_holds_enough_of_the_list()
     assert not known.worth_it(["old0.example"] + [f"new{i}.example" for i in range(20)])
     assert known.worth_it(["new.example", "new2.example", "old0.example"])  # shifted a little
     assert not known.worth_it([None, "new.example"]) and not known.worth_it([])
-    assert known.get("old1.example", "DNS_NAME") is previous.allowed_internet[1]
-    assert known.get("old1.example", "IP_RANGE") is None  # the text, and the kind as given
+    from egressd.core.policy import _fast_entries
+
+    taken = _fast_entries([{"destination": "old1.example"},
+                           {"destination": "old1.example", "internet_destination_type": "IP_RANGE"}], known)
+    assert taken[0] is previous.allowed_internet[1]
+    assert taken[1] is None  # the text, and the kind as given
     big = [{"destination": f"h{i}.example"} for i in range(3000)]
     again = parse_policy(_doc(big, []), previous=previous)
     assert again == parse_policy(_doc(big, []))

@@ -262,11 +262,6 @@ class _Known:
             self._by_text = dict(zip(map(_TEXT, self._dests), self._dests))
         return self._by_text.get
 
-    def get(self, raw: str, kind: Any) -> InternetDestination | None:
-        """The destination an entry (text, type as given) is exactly, or None."""
-        d = self.lookup(raw)
-        return d if d is not None and d.type._value_ == kind else None
-
     def worth_it(self, raws: list[Any]) -> bool:
         """Whether a list of entries (their texts; None for another shape) looks like an edit
         that keeps enough of the previous version to look each entry up: at least one in 20 of
@@ -311,7 +306,7 @@ def _fast_entries(items: list[Any], known: _Known | None) -> list[InternetDestin
     if known_used:
         out = [d if d is not None and d.type._value_ == k else None
                for d, k in zip(map(known.lookup, raws), kinds)]  # type: ignore[union-attr]
-    if all_plain and known_used is False:
+    if all_plain and not known_used:
         names = list(compress(range(n), map(eq, kinds, repeat("DNS_NAME"))))
         v4 = list(compress(range(n), map(eq, kinds, repeat("IP_RANGE"))))
     else:
@@ -339,7 +334,8 @@ def _fast_entries(items: list[Any], known: _Known | None) -> list[InternetDestin
 
 def _canonical_v4_dests(texts: list[str]) -> list[InternetDestination | None]:
     """_fast_plain of IP_RANGE strings that each match _V4_CIDR (a canonical dotted quad, an
-    optional prefix length), the addresses converted by C-level maps: None where host bits are set."""
+    optional prefix length), the addresses converted by C-level maps: None where host bits are
+    set (ipaddress then words the error)."""
     parts = list(map(str.partition, texts, repeat("/")))
     octets = map(int, chain.from_iterable(map(str.split, map(itemgetter(0), parts), repeat("."))))
     values = struct.unpack(f">{len(texts)}I", bytes(octets))
@@ -402,8 +398,7 @@ def _fast_plain(raw: str, kind: Any) -> InternetDestination | None:
         except ValueError:
             return None
     if kind == "IP_RANGE":
-        fast = _fast_v4(raw)
-        return None if fast is None else InternetDestination(fast[0], DestinationType.IP_RANGE, fast[1])
+        return _canonical_v4_dests([raw])[0] if _V4_CIDR.fullmatch(raw) else None
     return None
 
 
@@ -464,13 +459,10 @@ def _parse_dns_pattern(raw: str, path: str, p: _Parser) -> str | None:
 
 # A canonical dotted quad (no leading zeros, octets <= 255) and prefix length (<= 32, no leading
 # zero), decided by the expression itself: what it does not match, ipaddress decides (and words).
-_OCTET_ALTERNATIVES = r"25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]"
-_OCTET = rf"({_OCTET_ALTERNATIVES})"
-_V4_CIDR = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?[0-9]))?")
-# The same, without groups, for a list of them one per line (_V4_CIDR_LINES).
-_OCTET_NC = rf"(?:{_OCTET_ALTERNATIVES})"
-_V4_CIDR_LINE = rf"{_OCTET_NC}\.{_OCTET_NC}\.{_OCTET_NC}\.{_OCTET_NC}(?:/(?:3[0-2]|[12]?[0-9]))?"
-_V4_CIDR_LINES = re.compile(rf"(?:{_V4_CIDR_LINE}\n)*{_V4_CIDR_LINE}")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_V4_CIDR_TEXT = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(?:3[0-2]|[12]?[0-9]))?"
+_V4_CIDR = re.compile(_V4_CIDR_TEXT)
+_V4_CIDR_LINES = re.compile(rf"(?:{_V4_CIDR_TEXT}\n)*{_V4_CIDR_TEXT}")  # a list of them, one per line
 
 
 Span = tuple[int, int, int]
@@ -479,17 +471,8 @@ Span = tuple[int, int, int]
 def _fast_v4(text: str) -> tuple[str, Span] | None:
     """The common case, a canonical IPv4 CIDR, without ipaddress (a policy may hold 100,000 of
     them): (canonical text, span). None means: let ipaddress decide (and word the error)."""
-    m = _V4_CIDR.fullmatch(text)
-    if m is None:
-        return None
-    a, b, c, d, plen = m.groups()
-    value = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
-    if plen is None:
-        return f"{text}/32", (4, value, value)
-    hostmask = (1 << (32 - int(plen))) - 1
-    if value & hostmask:
-        return None  # host bits set: ipaddress says so
-    return text, (4, value, value | hostmask)
+    dest = _canonical_v4_dests([text])[0] if _V4_CIDR.fullmatch(text) else None
+    return None if dest is None else (dest.destination, dest.span)  # type: ignore[return-value]
 
 
 def _parse_cidr(raw: str, path: str, p: _Parser) -> tuple[str, Span] | None:

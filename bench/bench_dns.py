@@ -10,19 +10,26 @@ Sides (alternated within the run, the order flipping every round):
 * ``dnsmasq_nftset``: dnsmasq 2.9x forwarding to the bench upstream, ``--nftset=/bench.test/
   4#inet#benchcmp#allow4`` into a throw-away timeout set (default timeout 300 s) of the node.
 * ``dnsmasq`` (reference, unique mix only): the same forwarder without ``--nftset``.
+* ``floor`` (reference, hot mix only): ``floor_server.py``, a bare uvloop UDP server on the
+  daemon's interpreter that answers every name from a dict (no policy, rate limit or set refresh):
+  what any Python design on this runtime pays for a cache hit.
 
 Mixes: ``unique`` (every query a never-seen name with its own IP: every answer programmed) and
 ``hot`` (1,000 names looped: dnsmasq answers from its cache and never refreshes the set entries;
 the shim forwards each one and refreshes the set entry when the answer outlives it).
 Each mix is measured at full speed (dnsperf, 100 queries outstanding) and then at equal load:
-``-Q`` = ``equal_fraction`` × the lower side's median NOERROR QPS, where mean latency is compared."""
+``-Q`` = ``equal_fraction`` × the lower side's median NOERROR QPS, where mean latency is compared.
+The hot mix is also compared at ``LIGHTER_LOADS`` (``hot_latency_curve``), away from the steep
+part of the queueing curve."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,8 +46,10 @@ from benchlab import (
 
 NFT_PORT = 5353
 PLAIN_PORT = 5354
+FLOOR_PORT = 5355
 UNIQUE_CAP_QPS = 25_000  # names written per second of a unique run (dnsperf stops at the end of the file)
 HOT_NAMES = 1000
+LIGHTER_LOADS = (0.1, 0.5)  # fractions of the lower side's hot-set QPS, beside equal_fraction
 
 
 def _dnsmasq(bl: BenchLab, port: int, nftset: bool) -> subprocess.Popen:
@@ -53,6 +62,13 @@ def _dnsmasq(bl: BenchLab, port: int, nftset: bool) -> subprocess.Popen:
         argv.append("--nftset=/bench.test/4#inet#benchcmp#allow4")
     return lab.popen(lab.node_ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _floor(bl: BenchLab, port: int) -> subprocess.Popen:
+    python = os.environ.get("EGRESSD_BENCH_PYTHON") or sys.executable
+    return bl.lab.popen(bl.lab.node_ns, [python, str(Path(__file__).with_name("floor_server.py")), bl.w1.gw4, str(port)],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        start_new_session=True)
 
 
 def _metric(text: str, name: str) -> float:
@@ -86,16 +102,20 @@ def run(seconds: float = 10, rounds: int = 3, equal_fraction: float = 0.8, log=p
         bl.nft_node("table inet benchcmp {\n set allow4 { type ipv4_addr; flags timeout; timeout 300s; }\n}\n")
         _dnsmasq(bl, NFT_PORT, nftset=True)
         _dnsmasq(bl, PLAIN_PORT, nftset=False)
+        _floor(bl, FLOOR_PORT)
         lab, w1, gw = bl.lab, bl.w1.netns, bl.w1.gw4
-        for port in (NFT_PORT, PLAIN_PORT):  # wait until both answer
+        for port in (NFT_PORT, PLAIN_PORT, FLOOR_PORT):  # wait until all three answer
             for _ in range(50):
                 if lab.dig(bl.w1, unique_name(bl.unique.take(1)[0]), server=gw, timeout=1,
                            extra=["-p", str(port)]).status == "NOERROR":
                     break
                 time.sleep(0.1)
             else:
-                raise RuntimeError(f"dnsmasq on {gw}:{port} does not answer")
+                raise RuntimeError(f"the reference server on {gw}:{port} does not answer")
         servers = {"egressd": (BENCH_UPSTREAM, 53), "dnsmasq_nftset": (gw, NFT_PORT), "dnsmasq": (gw, PLAIN_PORT)}
+        unique_sides = list(servers)
+        servers["floor"] = (gw, FLOOR_PORT)
+        hot_sides = ("egressd", "dnsmasq_nftset", "floor")
 
         def allowed_ips() -> int:
             # /api/2.0/status is cheap; /metrics lists the kernel table (slow with big sets)
@@ -128,21 +148,28 @@ def run(seconds: float = 10, rounds: int = 3, equal_fraction: float = 0.8, log=p
 
         out: dict = {"seconds": seconds, "rounds": rounds, "equal_fraction": equal_fraction}
         # --- unique names
-        u = alternate({s: unique_side(s) for s in servers}, rounds)
+        u = alternate({s: unique_side(s) for s in unique_sides}, rounds)
         out["unique"] = {s: _summary(v) for s, v in u.items()}
         low = min(out["unique"]["egressd"]["qps_median"], out["unique"]["dnsmasq_nftset"]["qps_median"])
         rate = max(100.0, equal_fraction * low)
         ue = alternate({s: unique_side(s, rate, eq_seconds) for s in ("egressd", "dnsmasq_nftset")}, rounds)
         out["unique_equal_load"] = {"qps_limit": int(rate), **{s: _summary(v) for s, v in ue.items()}}
         # --- hot set: one warm-up pass per side, then the runs
-        for s in ("egressd", "dnsmasq_nftset"):
+        for s in hot_sides:
             dnsperf(lab, w1, *servers[s], hot, 10, once=True)
-        h = alternate({s: hot_side(s) for s in ("egressd", "dnsmasq_nftset")}, rounds)
+        h = alternate({s: hot_side(s) for s in hot_sides}, rounds)
         out["hot"] = {s: _summary(v) for s, v in h.items()}
         low = min(out["hot"]["egressd"]["qps_median"], out["hot"]["dnsmasq_nftset"]["qps_median"])
         rate = max(100.0, equal_fraction * low)
-        he = alternate({s: hot_side(s, rate, eq_seconds) for s in ("egressd", "dnsmasq_nftset")}, rounds)
+        he = alternate({s: hot_side(s, rate, eq_seconds) for s in hot_sides}, rounds)
         out["hot_equal_load"] = {"qps_limit": int(rate), **{s: _summary(v) for s, v in he.items()}}
+        # The same comparison at lighter loads (reported beside the target row, which stays at
+        # equal_fraction).
+        out["hot_latency_curve"] = {}
+        for frac in LIGHTER_LOADS:
+            r = max(100.0, frac * low)
+            hc = alternate({s: hot_side(s, r, eq_seconds) for s in hot_sides}, rounds)
+            out["hot_latency_curve"][str(frac)] = {"qps_limit": int(r), **{s: _summary(v) for s, v in hc.items()}}
         out["set_sizes"] = {"egressd_ws_1001_dyn4": _set_size(bl, "egressd", "ws_1001_dyn4"),
                             "benchcmp_allow4": _set_size(bl, "benchcmp", "allow4")}
         t0 = time.monotonic()
@@ -162,6 +189,10 @@ def run(seconds: float = 10, rounds: int = 3, equal_fraction: float = 0.8, log=p
         "hot_latency_vs_dnsmasq_equal_load": _ratio(
             out["hot_equal_load"]["egressd"]["latency_mean_ms_median"],
             out["hot_equal_load"]["dnsmasq_nftset"]["latency_mean_ms_median"]),
+        "hot_qps_floor_vs_dnsmasq_cache": _ratio(H["floor"]["qps_median"], H["dnsmasq_nftset"]["qps_median"]),
+        "hot_latency_floor_vs_dnsmasq_equal_load": _ratio(
+            out["hot_equal_load"]["floor"]["latency_mean_ms_median"],
+            out["hot_equal_load"]["dnsmasq_nftset"]["latency_mean_ms_median"]),
     }
     return out
 
@@ -178,7 +209,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     res = run(args.seconds, args.rounds, args.equal_fraction)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("unique", "hot", "unique_equal_load", "hot_equal_load")}, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("unique", "hot", "unique_equal_load", "hot_equal_load", "hot_latency_curve")}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -97,8 +98,10 @@ class Daemon:
             total_timeout=cfg.upstream_timeout_ms / 1000,
             max_inflight=cfg.max_inflight,
             known_client=lambda ip: self.engine.workload_of(ip) is not None,
-            admit=self.engine.admit,
-            generation=lambda: self.engine.generation,
+            # No per-client limit configured (rate_limit_qps = 0): nothing for a cache hit to ask.
+            admit=self.engine.admit if self.engine.dns_limit.enabled else None,
+            # getattr through partial: no Python frame (the answer cache asks on every hit)
+            generation=partial(getattr, self.engine, "generation"),
         )
         await self.shim.start([("0.0.0.0", cfg.listen_port), ("::", cfg.listen_port)])
         gid = socket_group_gid(self.cfg.api.socket_group)
@@ -259,7 +262,9 @@ class Daemon:
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
             try:
-                self.engine.expire()
+                # A step of a few thousand IPs at a time: DNS answers go on in between.
+                for _ in self.engine.expire_steps():
+                    await asyncio.sleep(0)
                 await self._refresh_node_addresses()
                 self.notifier.notify(status=self._status_text())
             except Exception:  # noqa: BLE001 - one bad round must not end housekeeping for good

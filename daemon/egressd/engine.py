@@ -383,6 +383,10 @@ class Engine:
     def expire(self) -> int:
         return self.cache.expire(self.clock())
 
+    def expire_steps(self, chunk: int = 4096) -> Iterator[int]:
+        """expire() a step at a time (see IpCache.expire_steps), for the event loop's housekeeping."""
+        return self.cache.expire_steps(self.clock(), chunk)
+
     # --- the DNS path ------------------------------------------------------------------------
     def workload_of(self, src: str) -> Workload | None:
         return self.plan.index.lookup(src) if self.plan else None
@@ -397,8 +401,11 @@ class Engine:
     def admit(self, src: str) -> ShimAction | None:
         """The per-workload DNS rate limit: None if a query of ``src`` may go on, else the
         REFUSED answer to give it. Every query passes here, answer-cache hits too."""
-        wl = self.workload_of(src)
-        if wl is not None and not self.dns_limit.allow(wl.workload_id, self.clock()):
+        limit = self.dns_limit
+        if not limit.enabled:
+            return None  # rate_limit_qps = 0: nothing to look up (every answer-cache hit asks)
+        wl = self.plan.index.lookup(src) if self.plan else None  # workload_of(), one call less
+        if wl is not None and not limit.allow(wl.workload_id, self.clock()):
             # Before any policy work: a flood costs a bucket lookup, no upstream query, no event.
             self.dns_rate_limited[wl.workspace_id] += 1
             text = f"egressd: rate limited (workload {wl.workload_id} over {self.cfg.dns.rate_limit_qps} queries/s)"

@@ -48,6 +48,21 @@ def test_expire_and_entries():
     assert c.expire(50.0) == 1 and c.size() == 1
 
 
+def test_expire_steps_lets_changes_in_between_count():
+    """The event loop serves between steps: an IP refreshed meanwhile stays, one forgotten
+    meanwhile is skipped, and the counts add up to what is gone."""
+    c = IpCache()
+    for i in range(10):
+        c.record("ws", f"n{i}", [(f"192.0.2.{i}", 10)], 0, 0.0)
+    steps = c.expire_steps(50.0, chunk=3)
+    assert next(steps) == 3  # 192.0.2.0-2 gone
+    c.record("ws", "n5", [("192.0.2.5", 100)], 0, 40.0)  # refreshed before its step
+    c.forget("ws", ["192.0.2.6"])  # forgotten before its step
+    rest = list(steps)
+    assert rest[-1] == 8 and rest == sorted(rest)  # 10 minus the refreshed and the forgotten one
+    assert [e.ip for e in c.entries("ws", 50.0)] == ["192.0.2.5"] and c.size() == 1
+
+
 def test_forget_makes_the_next_answer_program_again():
     c = IpCache()
     c.record("ws", "a", [("192.0.2.1", 60)], 30, 0.0)

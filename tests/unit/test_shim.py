@@ -686,3 +686,48 @@ async def test_deny_with_another_ede_code(env: Env) -> None:
     options = [o for rr in rec.ar if rr.rtype == QTYPE.OPT for o in rr.rdata]
     assert [(o.code, o.data) for o in options] == [(15, b"\x00\x00egressd: rate limited")]
     assert up.udp_queries == []
+
+
+async def _programmed(_target: object, _addrs: object) -> None:
+    return None
+
+
+async def test_answer_cache_without_a_rate_limit(env: Env) -> None:
+    """With generation() and no admit() (rate_limit_qps = 0, as the daemon passes it), a repeated
+    query is a cache hit: one upstream query, the same answer under the second query's ID, and
+    a new generation clears the cache."""
+    up = await env.upstream(answers_with("192.0.2.7", ttl=300))
+    gen = [1]
+    shim = await env.shim([up.addr], lambda c, q: ShimAction("forward", target="t"), _programmed,
+                          generation=lambda: gen[0])
+    assert shim.cache is not None
+    port = shim.bound_ports[0]
+    first = await udp_ask(port, query(qid=0x1111))
+    second = await udp_ask(port, query(qid=0x2222))
+    assert first is not None and second is not None
+    assert (second.header.id, ips(second)) == (0x2222, ["192.0.2.7"])
+    assert len(up.udp_queries) == 1 and shim.stats["cache_hits"] == 1
+    gen[0] = 2  # a policy change: the next query goes upstream again
+    assert await udp_ask(port, query(qid=0x3333)) is not None
+    assert len(up.udp_queries) == 2 and shim.stats["cache_hits"] == 1
+
+
+async def test_answer_cache_hit_still_passes_the_rate_limit(env: Env) -> None:
+    """With admit(), every cache hit asks it: a client over its limit gets its REFUSED, not the
+    cached answer. (In the daemon classify() asks admit() too; this classify does not, so the
+    only call is the hit's.)"""
+    up = await env.upstream(answers_with("192.0.2.7", ttl=300))
+    limited: list[str] = []
+
+    def admit(client: str) -> ShimAction | None:
+        limited.append(client)
+        return ShimAction("deny", rcode=RCODE.REFUSED, ede_text="rate limited")
+
+    shim = await env.shim([up.addr], lambda c, q: ShimAction("forward", target="t"), _programmed,
+                          generation=lambda: 1, admit=admit)
+    port = shim.bound_ports[0]
+    assert await udp_ask(port, query(qid=0x1111)) is not None  # forwarded and cached
+    refused = await udp_ask(port, query(qid=0x2222))
+    assert refused is not None and refused.header.rcode == RCODE.REFUSED and refused.header.id == 0x2222
+    assert limited == [LOCAL] and len(up.udp_queries) == 1
+    assert shim.stats["cache_hits"] == 0 and shim.stats["denied"] == 1

@@ -57,15 +57,18 @@ def ttl_offsets(answer: bytes) -> tuple[tuple[int, ...], int] | None:
 
 
 class _Entry:
-    __slots__ = ("body", "born", "expires", "offsets", "served", "shown")
+    __slots__ = ("body", "born", "expires", "fresh_until", "offsets", "rcode", "served", "shown")
 
     def __init__(self, body: bytes, offsets: tuple[int, ...], now: float, ttl: int) -> None:
-        self.body = body  # the answer without its ID, TTLs as of ``shown`` seconds of age
+        self.body = body  # the answer without its ID, as it came (TTLs at age 0)
         self.offsets = offsets  # TTL offsets within body
         self.born = now
         self.expires = now + ttl
-        self.shown = 0  # the age (whole seconds) the body's TTLs reflect
+        self.shown = 0  # the age (whole seconds) the TTLs in ``served`` reflect
         self.served = body
+        # ``served`` is the answer to give until then: the next whole second of age, or expiry.
+        self.fresh_until = min(self.expires, now + 1)
+        self.rcode = body[1] & 0xF
 
 
 def age_ttls(body: bytes, offsets: tuple[int, ...], age: int) -> bytes:
@@ -78,22 +81,26 @@ def age_ttls(body: bytes, offsets: tuple[int, ...], age: int) -> bytes:
 
 
 class AnswerCache:
-    """(client, query bytes after the ID) -> the answer without its ID."""
+    """(client, query bytes after the ID) -> the answer without its ID.
+
+    The hot path of a busy resolver may read ``entries`` itself, without a call: for
+    ``e = entries.get((client, query[2:]))``, while ``now < e.fresh_until`` the answer is
+    ``query[:2] + e.served`` (rcode ``e.rcode``). Otherwise, get() ages or expires the entry."""
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self._max = max(1, max_entries)
         # An OrderedDict: evicting the oldest is O(1) (next(iter(dict)) after many deletions from
         # the front of a plain dict scans the holes they leave, which slowed unique-name load).
-        self._d: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
+        # Read-only outside this class; the same object for the cache's lifetime.
+        self.entries: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
         self.generation: object = None
-        self.hits = 0
         self.inserts = 0
 
     def __len__(self) -> int:
-        return len(self._d)
+        return len(self.entries)
 
     def clear(self, generation: object = None) -> None:
-        self._d.clear()
+        self.entries.clear()
         self.generation = generation
 
     def put(self, client: str, query: bytes, answer: bytes, now: float) -> bool:
@@ -103,7 +110,7 @@ class AnswerCache:
         if got is None:
             return False
         offsets, ttl = got
-        d = self._d
+        d = self.entries
         if len(d) >= self._max:
             d.popitem(last=False)
         d[(client, bytes(query[2:]))] = _Entry(bytes(answer[2:]), tuple(o - 2 for o in offsets), now, ttl)
@@ -114,15 +121,16 @@ class AnswerCache:
         """The answer to ``query`` (with its ID) for ``client``, with the query's ID and aged
         TTLs, or None."""
         key = (client, query[2:])
-        e = self._d.get(key)
+        e = self.entries.get(key)
         if e is None:
             return None
-        if now >= e.expires:
-            del self._d[key]
-            return None
-        age = int(now - e.born)
-        if age != e.shown:
+        if now >= e.fresh_until:
+            if now >= e.expires:
+                del self.entries[key]
+                return None
+            # At least one second older than shown (float rounding of now - born aside).
+            age = max(int(now - e.born), e.shown + 1)
             e.served = age_ttls(e.body, e.offsets, age)
             e.shown = age
-        self.hits += 1
+            e.fresh_until = min(e.expires, e.born + age + 1)
         return query[:2] + e.served

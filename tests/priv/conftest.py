@@ -27,12 +27,20 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env():
+def env(request):
+    """The lab and its daemon. Indirect parametrization may add [dns] settings, as a dict:
+    ``@pytest.mark.parametrize("env", [{"rate_limit_qps": 0}], indirect=True)``."""
+    dns_extra = getattr(request, "param", None) or {}
     # w4 is never registered: its traffic must be left alone.
     with Lab(workloads=4, records=world.records(), cnames=world.CNAMES) as lab:
         collector = CollectorProc(lab)
         collector.start()
         config = world.write_config(lab, collector_url=collector.url)
+        if dns_extra:
+            text = config.read_text()
+            assert "[dns]\n" in text
+            extra = "".join(f"{k} = {v!r}\n" for k, v in dns_extra.items())
+            config.write_text(text.replace("[dns]\n", "[dns]\n" + extra, 1))
         daemon = DaemonProc(lab, config)
         daemon.start()
         try:

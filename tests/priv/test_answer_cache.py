@@ -2,16 +2,22 @@
 
 A repeated query is answered from the cache (no upstream query), with its TTL counted down, and
 its IPs are in the workspace's set while the answer is served; a policy change empties the cache
-so a name the new policy denies is denied at once; the rate limit still applies to hits."""
+so a name the new policy denies is denied at once; the rate limit still applies to hits. Each
+guarantee is checked with the default rate limit and with none ([dns] rate_limit_qps = 0), where
+a hit is answered by the shim's UDP handler straight from the cache's entries."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import pytest
+
 from egressd.lab import world
 
 P = "/api/2.0"
+LIMITED = pytest.param(None, id="rate-limit")
+UNLIMITED = pytest.param({"rate_limit_qps": 0}, id="no-rate-limit")
 
 
 def dig(env, name: str):
@@ -29,10 +35,19 @@ def _metric(env, name: str) -> float:
     return 0.0
 
 
+def _repeat(env, name: str, n: int) -> str:
+    """``n`` identical queries for ``name`` from w1, as fast as one dig sends them; its output."""
+    batch = Path(env.lab.tmpdir) / "hits.txt"
+    batch.write_text(f"{name} A\n" * n)
+    cmd = ["dig", "+nocookie", "+time=1", "+tries=1", "+noall", "+comments", "-f", str(batch)]
+    return env.lab.run(env.w1, cmd, timeout=60).stdout
+
+
 def _event(env, kind: str) -> float:
     return _metric(env, f'egressd_dns_events_total{{kind="{kind}"}}')
 
 
+@pytest.mark.parametrize("env", [LIMITED, UNLIMITED], indirect=True)
 def test_repeat_is_served_from_cache_with_ttl_counted_down_and_ips_in_the_set(env):
     first = dig(env, "files.pythonhosted.org")
     assert first.status == "NOERROR" and first.addresses == ["198.51.100.11"], first.output
@@ -50,6 +65,7 @@ def test_repeat_is_served_from_cache_with_ttl_counted_down_and_ips_in_the_set(en
     assert code == 200
 
 
+@pytest.mark.parametrize("env", [LIMITED, UNLIMITED], indirect=True)
 def test_a_policy_change_empties_the_cache_and_a_newly_denied_name_is_denied(env):
     assert dig(env, "pypi.org").status == "NOERROR"
     hits = _event(env, "cache_hits")
@@ -72,14 +88,21 @@ def test_a_policy_change_empties_the_cache_and_a_newly_denied_name_is_denied(env
     assert dig(env, "pypi.org").status == "NOERROR"
 
 
+@pytest.mark.parametrize("env", [LIMITED], indirect=True)
 def test_cache_hits_still_pass_the_rate_limit(env):
     assert dig(env, "raw.githubusercontent.com").status == "NOERROR"
     limited = _metric(env, 'egressd_dns_rate_limited_total{workspace_id="1001"}')
-    # 3,000 identical queries as fast as one dig sends them: over the default per-workload
-    # budget (a burst of 1,000, then 500/s).
-    batch = Path(env.lab.tmpdir) / "hits.txt"
-    batch.write_text("raw.githubusercontent.com A\n" * 3000)
-    cp = env.lab.run(env.w1, ["dig", "+nocookie", "+time=1", "+tries=1", "+noall", "+comments", "-f", str(batch)], timeout=60)
-    assert cp.stdout.count("status: REFUSED") > 0, cp.stdout[-1500:]
-    assert cp.stdout.count("status: NOERROR") > 0
+    # Over the default per-workload budget (a burst of 1,000, then 500/s).
+    out = _repeat(env, "raw.githubusercontent.com", 3000)
+    assert out.count("status: REFUSED") > 0, out[-1500:]
+    assert out.count("status: NOERROR") > 0
     assert _metric(env, 'egressd_dns_rate_limited_total{workspace_id="1001"}') > limited
+
+
+@pytest.mark.parametrize("env", [UNLIMITED], indirect=True)
+def test_without_a_rate_limit_every_hit_is_answered(env):
+    assert dig(env, "raw.githubusercontent.com").status == "NOERROR"
+    hits = _event(env, "cache_hits")
+    out = _repeat(env, "raw.githubusercontent.com", 3000)
+    assert out.count("status: NOERROR") == 3000 and "REFUSED" not in out, out[-1500:]
+    assert _event(env, "cache_hits") == hits + 3000

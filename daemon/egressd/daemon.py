@@ -8,6 +8,7 @@ restricted while no daemon runs."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import os
 import signal
@@ -43,6 +44,19 @@ from .statestore import StateStore
 log = structlog.get_logger("egressd.daemon")
 
 EXPIRE_INTERVAL = 10.0
+GC_SETTLE_INTERVAL = 600.0  # seconds between settle_gc() rounds in housekeeping
+
+
+def settle_gc() -> None:
+    """A full cyclic collection, then everything that survived it frozen (gc.freeze): the
+    automatic full collections that follow walk only what was made since. Without this, under a
+    stream of new names they ran every few seconds, walked every object of the daemon (modules,
+    the loaded state, the caches) and held the event loop about 45 ms each; frozen, 12 ms
+    (100,000 names, sitecustomize-logged). Run at start-up and every GC_SETTLE_INTERVAL, so a
+    frozen object that becomes cyclic garbage (a replaced policy, say) is freed within that."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _nftset_writer() -> NftSetWriter | None:
@@ -123,6 +137,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        settle_gc()
         log.info(
             "ready",
             version=__version__,
@@ -259,8 +274,12 @@ class Daemon:
         self.notifier.notify(ready=1, status=self._status_text())
 
     async def _housekeeping(self) -> None:
+        settled = time.monotonic()
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
+            if time.monotonic() - settled >= GC_SETTLE_INTERVAL:
+                settle_gc()
+                settled = time.monotonic()
             try:
                 # A step of a few thousand IPs at a time: DNS answers go on in between.
                 for _ in self.engine.expire_steps():

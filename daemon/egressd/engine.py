@@ -404,7 +404,7 @@ class Engine:
         limit = self.dns_limit
         if not limit.enabled:
             return None  # rate_limit_qps = 0: nothing to look up (every answer-cache hit asks)
-        wl = self.plan.index.lookup(src) if self.plan else None  # workload_of(), one call less
+        wl = self.workload_of(src)
         if wl is not None and not limit.allow(wl.workload_id, self.clock()):
             # Before any policy work: a flood costs a bucket lookup, no upstream query, no event.
             self.dns_rate_limited[wl.workspace_id] += 1

@@ -347,8 +347,7 @@ class DnsShim:
         if out is None:
             return None
         admit = self._admit
-        # _client_ip() inlined for IPv4: a Python call is a large share of a hit's cost.
-        action = None if admit is None else admit(peer if ":" not in peer else _client_ip(peer))
+        action = None if admit is None else admit(_client_ip(peer))
         if action is None:
             self._hits += 1
             self._hit_rcodes[out[3] & 0xF] += 1

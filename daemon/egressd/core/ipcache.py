@@ -140,25 +140,23 @@ class IpCache:
         dropped = 0
         gone = lambda _n, e: e <= now  # noqa: E731
         for ips in list(self._ws.values()):
-            keys = list(ips)
-            step = chunk if chunk > 0 else max(len(keys), 1)
-            for start in range(0, len(keys), step):
-                for ip in keys[start:start + step] if step < len(keys) else keys:
-                    v = ips.get(ip)
-                    if v is None:
-                        continue
-                    if type(v) is tuple:
-                        if v[1] <= now:
-                            del ips[ip]
-                            dropped += 1
-                        continue
+            for i, ip in enumerate(list(ips), 1):
+                v = ips.get(ip)
+                if v is None:
+                    pass  # forgotten between steps
+                elif type(v) is tuple:
+                    if v[1] <= now:
+                        del ips[ip]
+                        dropped += 1
+                else:
                     w = _without(v, gone)
                     if w is None:
                         del ips[ip]
                         dropped += 1
                     else:
                         ips[ip] = w
-                yield dropped
+                if chunk and i % chunk == 0:
+                    yield dropped
         yield dropped
 
     def forget(self, workspace: str, ips: Iterable[str]) -> None:

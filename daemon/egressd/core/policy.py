@@ -398,7 +398,7 @@ def _fast_plain(raw: str, kind: Any) -> InternetDestination | None:
         except ValueError:
             return None
     if kind == "IP_RANGE":
-        return _canonical_v4_dests([raw])[0] if _V4_CIDR.fullmatch(raw) else None
+        return _fast_v4_dest(raw)
     return None
 
 
@@ -471,8 +471,13 @@ Span = tuple[int, int, int]
 def _fast_v4(text: str) -> tuple[str, Span] | None:
     """The common case, a canonical IPv4 CIDR, without ipaddress (a policy may hold 100,000 of
     them): (canonical text, span). None means: let ipaddress decide (and word the error)."""
-    dest = _canonical_v4_dests([text])[0] if _V4_CIDR.fullmatch(text) else None
+    dest = _fast_v4_dest(text)
     return None if dest is None else (dest.destination, dest.span)  # type: ignore[return-value]
+
+
+def _fast_v4_dest(text: str) -> InternetDestination | None:
+    """_fast_v4 as a destination (IP_RANGE), or None."""
+    return _canonical_v4_dests([text])[0] if _V4_CIDR.fullmatch(text) else None
 
 
 def _parse_cidr(raw: str, path: str, p: _Parser) -> tuple[str, Span] | None:

@@ -108,7 +108,7 @@ class Daemon:
         self.shim = DnsShim(
             upstreams=cfg.upstreams,
             classify=self.engine.classify,
-            program=self.engine.program,
+            program=self.engine.program_nowait,
             total_timeout=cfg.upstream_timeout_ms / 1000,
             max_inflight=cfg.max_inflight,
             known_client=lambda ip: self.engine.workload_of(ip) is not None,

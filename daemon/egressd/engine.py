@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import structlog
 
@@ -442,10 +443,19 @@ class Engine:
 
     async def program(self, target: object, addrs: tuple[tuple[str, int], ...]) -> None:
         """Put an allowed answer's IPs into its workspace's sets. Returns once the kernel has them."""
+        fut = self.program_nowait(target, addrs)
+        if fut is not None:
+            await fut
+
+    def program_nowait(self, target: object, addrs: tuple[tuple[str, int], ...]) -> asyncio.Future | None:
+        """program() without a coroutine (the shim's callback; a task per answer cost the
+        unique-name path a few percent): None when there is nothing to wait for, else a future
+        that completes once the kernel has the IPs, or with the error that kept them out.
+        Raises at once what is known at once (SpecialAddressRefused, libnftables errors)."""
         assert isinstance(target, Target)
         wp = self.plan.workspaces.get(target.workspace_id) if self.plan else None
         if wp is None or not wp.restricted:
-            return
+            return None
         # Special addresses (loopback, link-local, the node's own...) never open anything.
         kept, filtered = split_special(addrs, self.node_addresses)
         af = self.answer_filter
@@ -468,19 +478,33 @@ class Engine:
             kept = kept[:cap]
         todo = self.cache.record(target.workspace_id, target.name, kept, self.cfg.dns.min_ttl, self.clock())
         if not todo:
-            return
+            return None
         gen = self.generation
-        try:
-            if self.nftset is None:
+        if self.nftset is None:
+            try:
                 self.nft.run(program_elements(wp, todo, target.name))
-            else:
-                await self._batched(gen, wp.workspace_id, wp.key, todo, target.name)
-        except Exception:
-            if self.generation == gen:  # a new generation has its own cache, rendered into its sets
-                self.cache.forget(target.workspace_id, (ip for ip, _ in todo))
-            self.counters["program_errors"] += 1
-            raise
-        self.counters["programmed_ips"] += len(todo)
+            except Exception:
+                self._program_failed(gen, target.workspace_id, todo)
+                raise
+            self.counters["programmed_ips"] += len(todo)
+            return None
+        fut = self._batched(gen, wp.workspace_id, wp.key, todo, target.name)
+        # Registered before any waiter's callback, so the books are kept before it resumes.
+        fut.add_done_callback(partial(self._programmed, gen, target.workspace_id, todo))
+        return fut
+
+    def _programmed(self, gen: int, workspace_id: str, todo: list[tuple[str, int]], fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        if fut.exception() is None:
+            self.counters["programmed_ips"] += len(todo)
+        else:
+            self._program_failed(gen, workspace_id, todo)
+
+    def _program_failed(self, gen: int, workspace_id: str, todo: list[tuple[str, int]]) -> None:
+        if self.generation == gen:  # a new generation has its own cache, rendered into its sets
+            self.cache.forget(workspace_id, (ip for ip, _ in todo))
+        self.counters["program_errors"] += 1
 
     # --- batching of set elements --------------------------------------------------------------
     def _batched(self, gen: int, workspace_id: str, key: str, todo: list[tuple[str, int]],

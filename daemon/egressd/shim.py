@@ -9,7 +9,7 @@ It knows nothing about policies. It is handed two callbacks (as Cilium's dnsprox
                           |              |
                           |     final answer with A/AAAA and action.target set
                           |              v
-                          |     await program(target, addresses)   # nftables sets
+                          |     await program(target, addresses)   # nftables sets (None: done)
                           v              | ok: release the answer; raised or too slow: SERVFAIL
                         client <---------+
 
@@ -23,10 +23,10 @@ import asyncio
 import collections
 import errno
 import ipaddress
-import secrets
+import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -133,7 +133,7 @@ class DnsShim:
         *,
         upstreams: Sequence[tuple[str, int]],
         classify: Callable[[str, Query], ShimAction],
-        program: Callable[[object, Addresses], Awaitable[None]],
+        program: Callable[[object, Addresses], Awaitable[None] | None],
         total_timeout: float = 1.8,
         per_try_timeout: float = 0.6,
         max_inflight: int = 2048,
@@ -378,19 +378,18 @@ class DnsShim:
                 if not await self._program(action.target, info.addresses, deadline):
                     self._servfail(q, send)
                     return
-            out = with_id(answer, q.id)
-            if udp:
-                out = truncate_for_udp(out, q)
+            full = with_id(answer, q.id)
+            out = truncate_for_udp(full, q) if udp else full
             send(out)
             cache = self.cache
-            if cache_key is not None and cache is not None and self._generation is not None:
+            if cache_key is not None and cache is not None and out is full and info.ttls is not None:
                 # Only an answer whose IPs are in (program() returned) and that was classified
-                # under the generation still in force.
-                now_gen = self._generation()
+                # under the generation still in force; a truncated one never (ttl_offsets).
+                now_gen = self._generation()  # type: ignore[misc]
                 if now_gen == gen:
                     if cache.generation != now_gen:
                         cache.clear(now_gen)
-                    cache.put(cache_key, q.wire, out, loop.time())
+                    cache.put_parsed(cache_key, q.wire, out, loop.time(), *info.ttls)
             self.stats["forwarded"] += 1
             self.answers[("allowed" if action.target is not None else "forwarded", info.rcode)] += 1
             self.latency.observe(loop.time() - (deadline - self._total_timeout))
@@ -405,9 +404,18 @@ class DnsShim:
 
     async def _program(self, target: object, addrs: Addresses, deadline: float) -> bool:
         """Run program(); False if it raised or overran the budget (it is not cancelled)."""
+        try:
+            aw = self._program_cb(target, addrs)
+        except Exception as exc:  # a callback that knew at once
+            self.stats["program_errors"] += 1
+            self._warn("program_error", "programming answer addresses failed", error=repr(exc))
+            return False
+        if aw is None:
+            return True
         loop = asyncio.get_running_loop()
         timeout = max(deadline + _PROGRAM_SLACK - loop.time(), _PROGRAM_MIN)
-        task = asyncio.ensure_future(self._program_cb(target, addrs))
+        # A future (Engine.program_nowait) is awaited as it is; a coroutine becomes a task.
+        task = asyncio.ensure_future(aw)
         if not task.done():
             # asyncio.wait({task}, timeout) without its per-call set and checks (hot path).
             waiter = loop.create_future()
@@ -462,7 +470,10 @@ class DnsShim:
         stats = self.stats
         timeout = min(self._per_try, deadline - loop.time())
         try:
-            info, answer = await self._udp_exchange(upstream, q, timeout)
+            pool = self._pools.get(upstream)
+            if pool is None:
+                pool = self._pools[upstream] = _UpstreamPool(upstream, self._pool_size, self.stats)
+            info, answer = await pool.exchange(q, timeout)
             if info.truncated:
                 stats["tcp_fallbacks"] += 1
                 timeout = min(self._tcp_try, deadline - loop.time())
@@ -486,18 +497,9 @@ class DnsShim:
             return _HARD
         return info, answer
 
-    async def _udp_exchange(
-        self, upstream: tuple[str, int], q: Query, timeout: float
-    ) -> tuple[AnswerInfo, bytes]:
-        """One UDP query through the upstream's pool of connected sockets, with a random ID."""
-        pool = self._pools.get(upstream)
-        if pool is None:
-            pool = self._pools[upstream] = _UpstreamPool(upstream, self._pool_size, self.stats)
-        return await pool.exchange(q, timeout)
-
     async def _tcp_exchange(self, upstream: tuple[str, int], q: Query) -> tuple[AnswerInfo, bytes]:
         """One query over a new TCP connection (the caller bounds the time)."""
-        qid = secrets.randbelow(0x10000)
+        qid = _next_id()
         wire = with_id(q.wire, qid)
         reader, writer = await asyncio.open_connection(*upstream)
         try:
@@ -520,6 +522,16 @@ class DnsShim:
             log.warning(event, **kw)
         else:
             log.debug(event, **kw)
+
+
+def _random_ids() -> Iterator[int]:
+    """Uniform random 16-bit query IDs from os.urandom, read 4 KiB at a time (secrets.randbelow
+    made a getrandom() system call and four Python calls per ID)."""
+    while True:
+        yield from memoryview(os.urandom(4096)).cast("H")
+
+
+_next_id = partial(next, _random_ids())
 
 
 def _swallow(task: asyncio.Future[object]) -> None:
@@ -581,40 +593,53 @@ class _UpstreamPool:
     def __init__(self, upstream: tuple[str, int], size: int, stats: collections.Counter[str]) -> None:
         self._upstream = upstream
         self._slots: list[_PooledUdp | None] = [None] * size
+        self._making: dict[int, asyncio.Future[_PooledUdp]] = {}
         self._next = 0
         self._stats = stats
+        self._closed = False
 
-    async def _socket(self) -> _PooledUdp:
+    async def _new_socket(self, i: int) -> _PooledUdp:
+        """A new connected socket for slot ``i``, made once however many queries ask for it
+        meanwhile (each used to make its own: with 100 queries in flight, a socket for every
+        seven queries instead of every 64)."""
+        making = self._making.get(i)
+        if making is None:
+            making = self._making[i] = asyncio.ensure_future(self._make(i))
+        # Shielded: a query that gives up does not cancel the socket others wait for.
+        return await asyncio.shield(making)
+
+    async def _make(self, i: int) -> _PooledUdp:
+        try:
+            loop = asyncio.get_running_loop()
+            transport, proto = await loop.create_datagram_endpoint(
+                lambda: _PooledUdp(self._stats), remote_addr=self._upstream
+            )
+            if self._closed:
+                transport.close()
+                raise ConnectionError("upstream pool closed")
+            self._slots[i] = proto
+            return proto
+        finally:
+            del self._making[i]
+
+    async def exchange(self, q: Query, timeout: float) -> tuple[AnswerInfo, bytes]:
         i = self._next
         self._next = (i + 1) % len(self._slots)
         proto = self._slots[i]
         if proto is None or proto.retired or proto.transport is None or proto.transport.is_closing():
-            before = proto
-            loop = asyncio.get_running_loop()
-            _, proto = await loop.create_datagram_endpoint(
-                lambda: _PooledUdp(self._stats), remote_addr=self._upstream
-            )
-            if self._slots[i] is before:
-                self._slots[i] = proto
-            else:
-                # Another query filled the slot while this socket was being made: this one serves
-                # its query alone and is closed after it (an orphan left open leaked a socket).
-                proto.retired = True
+            # A coroutine only when a socket must be made (every _POOL_ROTATE queries).
+            proto = await self._new_socket(i)
         proto.uses += 1
         if proto.uses >= _POOL_ROTATE:
             proto.retired = True
             if self._slots[i] is proto:
                 self._slots[i] = None
-        return proto
-
-    async def exchange(self, q: Query, timeout: float) -> tuple[AnswerInfo, bytes]:
-        proto = await self._socket()
         transport = proto.transport
         assert transport is not None
         pending = proto.pending
-        qid = secrets.randbelow(0x10000)
+        qid = _next_id()
         while qid in pending:
-            qid = secrets.randbelow(0x10000)
+            qid = _next_id()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[AnswerInfo, bytes]] = loop.create_future()
         pending[qid] = (fut, q)
@@ -629,6 +654,7 @@ class _UpstreamPool:
                 transport.close()
 
     def close(self) -> None:
+        self._closed = True
         for proto in self._slots:
             if proto is not None and proto.transport is not None:
                 proto.transport.close()

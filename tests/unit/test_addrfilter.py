@@ -236,6 +236,17 @@ def test_the_ipv4_fast_path_agrees_with_the_ipaddress_path(n):
         assert classify(str(addr), node) == classify(addr, node)
 
 
+@given(st.one_of(st.text(alphabet="0123456789.x \n\u0663", max_size=20),
+                 st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,4}){2,4}", fullmatch=True),
+                 st.ip_addresses(v=4).map(str)))
+def test_dotted_quad_takes_what_ip_address_takes_as_ipv4(text):
+    try:
+        want = int(ipaddress.IPv4Address(text))
+    except ValueError:
+        want = None
+    assert addrfilter._dotted_quad(text) == want
+
+
 @pytest.mark.parametrize("text", ["01.2.3.4", "1.2.3", "127.1", "1.2.3.4 ", "256.1.1.1", "0x7f.0.0.1", ""])
 def test_malformed_ipv4_text_is_refused_as_before(text):
     with pytest.raises(ValueError):

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egressd.core import dnsmsg
+from egressd.core.answercache import ttl_offsets
 from egressd.core.dnsmsg import (
     AnswerInfo,
     Query,
@@ -419,9 +420,13 @@ def parse_all(wire: bytes) -> None:
                                     "www.example.com", 1),
                lambda: formerr_response(wire)):
         try:
-            fn()
+            out = fn()
         except DnsFormatError:
-            pass
+            continue
+        if isinstance(out, AnswerInfo):
+            # The answer cache takes the TTL offsets read while parsing instead of reading
+            # the answer again: both readings must agree on every answer that parses.
+            assert out.ttls == ttl_offsets(wire)
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -518,6 +523,7 @@ def test_parse_answer_agrees_with_dnslib_built_answers(built) -> None:
     wire, records = built
     info = parse_answer(wire, 0x1234, "www.example.com", 1)
     assert dict(info.addresses) == _expected(records)
+    assert info.ttls == ttl_offsets(wire)
     # dnslib reads the same message back: we are decoding a well-formed answer.
     assert len(DNSRecord.parse(wire).rr) == len(records)
 

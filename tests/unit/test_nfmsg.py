@@ -81,6 +81,22 @@ def test_empty_batch_has_no_acks() -> None:
 def test_comment_text_drops_what_is_not_a_name() -> None:
     assert comment_text('a"b c;{x}.example-1_*') == "abcx.example-1_*"
     assert len(comment_text("a" * 300)) == nfmsg.COMMENT_MAX
+    assert comment_text("Bücher.example") == "Bücher.example"  # str.isalnum() keeps letters
+
+
+def _comment_by_character(name: str) -> str:
+    return "".join(c for c in name if c.isalnum() or c in "._-*")[: nfmsg.COMMENT_MAX]
+
+
+def test_comment_text_plain_names_take_the_fast_path_with_the_same_result() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.one_of(st.text(max_size=300), st.from_regex(r"[a-zA-Z0-9._*-]{0,300}", fullmatch=True)))
+    def check(name: str) -> None:
+        assert comment_text.__wrapped__(name) == _comment_by_character(name)
+
+    check()
     el = nfmsg.element_attr(Element("192.0.2.1", 1, '";'))
     assert len(attrs(attrs(el)[0][1])) == 2  # an empty comment is left out
 

@@ -109,13 +109,18 @@ class AnswerCache:
         got = ttl_offsets(answer)
         if got is None:
             return False
-        offsets, ttl = got
+        self.put_parsed(client, query, answer, now, *got)
+        return True
+
+    def put_parsed(self, client: str, query: bytes, answer: bytes, now: float,
+                   offsets: tuple[int, ...], ttl: int) -> None:
+        """put() with ``(offsets, ttl)`` as ttl_offsets(answer) gives them (not None), read
+        while the answer was parsed (AnswerInfo.ttls)."""
         d = self.entries
         if len(d) >= self._max:
             d.popitem(last=False)
-        d[(client, bytes(query[2:]))] = _Entry(bytes(answer[2:]), tuple(o - 2 for o in offsets), now, ttl)
+        d[(client, bytes(query[2:]))] = _Entry(bytes(answer[2:]), tuple([o - 2 for o in offsets]), now, ttl)
         self.inserts += 1
-        return True
 
     def get(self, client: str, query: bytes, now: float) -> bytes | None:
         """The answer to ``query`` (with its ID) for ``client``, with the query's ID and aged

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from egressd.errors import DnsFormatError
 
@@ -74,6 +74,9 @@ class AnswerInfo:
     qname: str
     qtype: int
     addresses: tuple[tuple[str, int], ...]  # (ip, ttl) reached from qname, duplicates removed
+    #: What answercache.ttl_offsets(wire) says of this answer, found in the same pass: the
+    #: offsets of its TTL fields and the smallest TTL, or None when it must not be cached.
+    ttls: tuple[tuple[int, ...], int] | None = field(default=None, compare=False, repr=False)
 
 
 # --- reading --------------------------------------------------------------------------
@@ -146,7 +149,7 @@ def _read_rr(buf: bytes, off: int) -> tuple[Labels, int, int, int, int, int]:
 
 
 def _lower(labels: Labels) -> Labels:
-    return tuple(label.lower() for label in labels)
+    return tuple(map(bytes.lower, labels))
 
 
 def _qname_str(labels: Labels) -> str:
@@ -320,8 +323,14 @@ def parse_answer(wire: bytes, expect_id: int, expect_qname: str, expect_qtype: i
 
     cnames: dict[Labels, Labels] = {}
     found: list[tuple[Labels, str, int]] = []
+    offsets: list[int] = []  # the TTL fields of every record but OPT (for the answer cache)
+    low = -1
     for i in range(ancount + nscount + arcount):
         owner, rtype, rclass, ttl, start, off = _read_rr(wire, off)
+        if rtype != TYPE_OPT:
+            offsets.append(start - 6)
+            if low < 0 or ttl < low:
+                low = ttl
         if i < ancount:
             if rclass != CLASS_IN:
                 continue
@@ -349,4 +358,8 @@ def parse_answer(wire: bytes, expect_id: int, expect_qname: str, expect_qtype: i
     for owner, ip, ttl in found:
         if owner in chain:
             addresses[ip] = min(ttl, addresses.get(ip, ttl))
-    return AnswerInfo(qid, rcode, False, qname, expect_qtype, tuple(addresses.items()))
+    # Cacheable as ttl_offsets() decides: NOERROR or NXDOMAIN (the header's 4 bits), no
+    # trailing bytes, some record, every TTL at least 1 s and below 2^31.
+    ttls = (tuple(offsets), low) if (
+        flags & 0xF in (NOERROR, NXDOMAIN) and off == len(wire) and 1 <= low < 0x80000000) else None
+    return AnswerInfo(qid, rcode, False, qname, expect_qtype, tuple(addresses.items()), ttls)

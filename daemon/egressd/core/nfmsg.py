@@ -11,6 +11,7 @@ back as ``comment``."""
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 from collections.abc import Iterable, Mapping
@@ -66,7 +67,12 @@ class Element:
 @lru_cache(maxsize=4096)
 def comment_text(name: str) -> str:
     """An element comment from a DNS name: [a-z0-9._-*] kept, anything else dropped, never escaped."""
+    if _COMMENT_PLAIN(name):  # the usual name, kept whole: no pass per character
+        return name[:COMMENT_MAX]
     return "".join(c for c in name if c.isalnum() or c in "._-*")[:COMMENT_MAX]
+
+
+_COMMENT_PLAIN = re.compile(r"[A-Za-z0-9._*-]*").fullmatch
 
 
 def _pad(b: bytes) -> bytes:

@@ -320,6 +320,74 @@ async def test_program_too_slow_gives_servfail_in_time(env: Env) -> None:
     assert shim.stats["program_timeouts"] == 1
 
 
+# The daemon's callback (Engine.program_nowait) is no coroutine: it returns None when there is
+# nothing to wait for, or the future of the batch the IPs go in with, and raises what it knows at once.
+
+async def test_program_returning_a_future_holds_the_answer_until_it_completes(env: Env) -> None:
+    up = await env.upstream(answers_with("192.0.2.1"))
+    events: list[str] = []
+
+    def program(_t: object, _a: object) -> asyncio.Future:
+        events.append("program-start")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        loop.call_later(0.1, lambda: (events.append("program-done"), fut.set_result(None)))
+        return fut
+
+    shim = await env.shim([up.addr], lambda c, q: ShimAction("forward", target="t"), program)
+    rec = await udp_ask(shim.bound_ports[0], query(), events=events)
+    assert rec is not None and ips(rec) == ["192.0.2.1"]
+    assert events == ["program-start", "program-done", "client-received"]
+
+
+async def test_program_returning_none_releases_the_answer_at_once(env: Env) -> None:
+    up = await env.upstream(answers_with("192.0.2.1"))
+    calls: list[object] = []
+    shim = await env.shim([up.addr], lambda c, q: ShimAction("forward", target="t"),
+                          lambda t, a: calls.append(t))
+    rec = await udp_ask(shim.bound_ports[0], query())
+    assert rec is not None and ips(rec) == ["192.0.2.1"] and calls == ["t"]
+    assert shim.stats["program_errors"] == 0 and shim.stats["forwarded"] == 1
+
+
+async def test_program_raising_at_once_or_failing_its_future_gives_servfail(env: Env) -> None:
+    up = await env.upstream(answers_with("192.0.2.1"))
+
+    def raises(_t: object, _a: object) -> None:
+        raise RuntimeError("the answer holds special addresses")
+
+    def fails(_t: object, _a: object) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_exception(RuntimeError("nft said no"))
+        return fut
+
+    for n, program in enumerate((raises, fails), 1):
+        shim = await env.shim([up.addr], lambda c, q: ShimAction("forward", target="t"), program)
+        rec = await udp_ask(shim.bound_ports[0], query())
+        assert rec is not None and rec.header.rcode == RCODE.SERVFAIL and ips(rec) == []
+        assert shim.stats["program_errors"] == 1 and shim.stats["servfail"] == 1, n
+
+
+async def test_program_future_never_done_gives_servfail_in_time(env: Env) -> None:
+    up = await env.upstream(answers_with("192.0.2.1"))
+    futures: list[asyncio.Future] = []
+
+    def program(_t: object, _a: object) -> asyncio.Future:
+        futures.append(asyncio.get_running_loop().create_future())
+        return futures[-1]
+
+    shim = await env.shim([up.addr], lambda c, q: ShimAction("forward", target="t"), program,
+                          total_timeout=0.3)
+    start = time.monotonic()
+    rec = await udp_ask(shim.bound_ports[0], query())
+    assert rec is not None and rec.header.rcode == RCODE.SERVFAIL
+    assert time.monotonic() - start < 0.3 + 0.3
+    assert shim.stats["program_timeouts"] == 1
+    futures[0].set_exception(RuntimeError("late"))  # completing it later is harmless (not cancelled)
+    await asyncio.sleep(0.01)
+    assert not futures[0].cancelled()
+
+
 @pytest.mark.parametrize("edns", [None, 1232])
 async def test_deny_gives_rcode_and_ede(env: Env, edns: int | None) -> None:
     up = await env.upstream(answers_with("192.0.2.1"))

@@ -418,8 +418,9 @@ def test_over_the_limit_is_refused_at_once_with_ede_and_only_for_that_workload(f
     of four times: every query reaches the shim, and its bucket stays about empty), its queries
     get REFUSED with EDE 0 "rate limited" at once; w2 and the node itself are answered as usual. A
     token refilled at 500/s waits a little for the flood to take it (longer when the sender or the
-    shim was descheduled), so now and then one of w1's digs finds one: hence sixteen, half
-    refused at least."""
+    shim was descheduled), so now and then one of w1's digs finds one: hence thirty-two, twelve
+    refused at least (21 and 24 of 32 in two timed runs here, about 1.3 s of digs within the 4 s
+    flood; with sixteen and eight, 7 of 16 was seen once in CI)."""
     env = fenv
     limited0 = env.metric("egressd_dns_rate_limited_total", workspace_id="1001")
     kdrop0 = env.metric("egressd_dns_flood_drops_total")
@@ -427,7 +428,7 @@ def test_over_the_limit_is_refused_at_once_with_ede_and_only_for_that_workload(f
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)  # the burst of 1,000 is gone after 0.7 s at 1,900/s (refilled at 500/s)
-        w1 = [env.lab.dig(env.w1, "pypi.org", extra=["+edns=0"]) for _ in range(16)]
+        w1 = [env.lab.dig(env.w1, "pypi.org", extra=["+edns=0"]) for _ in range(32)]
         r2 = env.lab.dig(env.w2, "pypi.org")
         node = env.lab.run(env.lab.node_ns, ["dig", "@127.0.0.1", "-p", "10053", "+time=2", "+tries=1",
                                               "+noall", "+answer", "+comments", "pypi.org", "A"], timeout=10)
@@ -435,7 +436,7 @@ def test_over_the_limit_is_refused_at_once_with_ede_and_only_for_that_workload(f
         _, err = flood.communicate(timeout=20)
     assert flood.returncode == 0, err
     refused = [r for r in w1 if r.status == "REFUSED"]
-    assert len(refused) >= 8 and {r.status for r in w1} <= {"REFUSED", "NOERROR"}, [r.output for r in w1]
+    assert len(refused) >= 12 and {r.status for r in w1} <= {"REFUSED", "NOERROR"}, [r.output for r in w1]
     for r in refused:
         assert r.elapsed < 1.0 and r.ede is not None, r.output
         assert r.ede[0] == 0 and "rate limited" in r.ede[1] and "ws1-notebook" in r.ede[1], r.output

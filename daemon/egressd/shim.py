@@ -407,9 +407,7 @@ class DnsShim:
         try:
             aw = self._program_cb(target, addrs)
         except Exception as exc:  # a callback that knew at once
-            self.stats["program_errors"] += 1
-            self._warn("program_error", "programming answer addresses failed", error=repr(exc))
-            return False
+            return self._program_error(exc)
         if aw is None:
             return True
         loop = asyncio.get_running_loop()
@@ -441,10 +439,14 @@ class DnsShim:
             return False
         exc = None if task.cancelled() else task.exception()
         if task.cancelled() or exc is not None:
-            self.stats["program_errors"] += 1
-            self._warn("program_error", "programming answer addresses failed", error=repr(exc))
-            return False
+            return self._program_error(exc)
         return True
+
+    def _program_error(self, exc: BaseException | None) -> bool:
+        """Count and (rate-limited) warn a failed program(); False, for _program to return."""
+        self.stats["program_errors"] += 1
+        self._warn("program_error", "programming answer addresses failed", error=repr(exc))
+        return False
 
     # --- upstreams --------------------------------------------------------------------
 

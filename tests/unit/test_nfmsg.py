@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from egressd.core import nfmsg
 from egressd.core.nfmsg import Element, add_batch, comment_text, parse_acks
 
@@ -82,23 +85,17 @@ def test_comment_text_drops_what_is_not_a_name() -> None:
     assert comment_text('a"b c;{x}.example-1_*') == "abcx.example-1_*"
     assert len(comment_text("a" * 300)) == nfmsg.COMMENT_MAX
     assert comment_text("Bücher.example") == "Bücher.example"  # str.isalnum() keeps letters
+    el = nfmsg.element_attr(Element("192.0.2.1", 1, '";'))
+    assert len(attrs(attrs(el)[0][1])) == 2  # an empty comment is left out
 
 
 def _comment_by_character(name: str) -> str:
     return "".join(c for c in name if c.isalnum() or c in "._-*")[: nfmsg.COMMENT_MAX]
 
 
-def test_comment_text_plain_names_take_the_fast_path_with_the_same_result() -> None:
-    from hypothesis import given
-    from hypothesis import strategies as st
-
-    @given(st.one_of(st.text(max_size=300), st.from_regex(r"[a-zA-Z0-9._*-]{0,300}", fullmatch=True)))
-    def check(name: str) -> None:
-        assert comment_text.__wrapped__(name) == _comment_by_character(name)
-
-    check()
-    el = nfmsg.element_attr(Element("192.0.2.1", 1, '";'))
-    assert len(attrs(attrs(el)[0][1])) == 2  # an empty comment is left out
+@given(st.one_of(st.text(max_size=300), st.from_regex(r"[a-zA-Z0-9._*-]{0,300}", fullmatch=True)))
+def test_comment_text_plain_names_take_the_fast_path_with_the_same_result(name: str) -> None:
+    assert comment_text.__wrapped__(name) == _comment_by_character(name)
 
 
 def test_parse_acks() -> None:
@@ -110,8 +107,6 @@ def test_parse_acks() -> None:
 
 # --- GETSETELEM dump: request and the parser of its replies ---------------------------------------
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from egressd.core.nfmsg import DumpError, DumpedElement, getsetelem_dump, parse_setelem_dump
 

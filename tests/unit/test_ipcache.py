@@ -63,6 +63,82 @@ def test_expire_steps_lets_changes_in_between_count():
     assert [e.ip for e in c.entries("ws", 50.0)] == ["192.0.2.5"] and c.size() == 1
 
 
+def test_a_round_reads_only_the_ips_that_are_due():
+    """Steps count the IPs read: with 10,000 IPs cached and none due, a round reads none (the
+    only yield is the final one); with 100 due, it reads those 100 and drops them."""
+    c = IpCache()
+    c.record("ws", "far", [(f"10.0.{i // 256}.{i % 256}", 300) for i in range(10_000)], 0, 0.0)
+    c.record("ws", "near", [(f"10.1.0.{i}", 10) for i in range(100)], 0, 0.0)
+    assert list(c.expire_steps(5.0, chunk=1)) == [0]
+    assert list(c.expire_steps(20.0, chunk=1)) == list(range(1, 101)) + [100]
+    assert c.size() == 10_000
+
+
+def test_a_refreshed_ip_is_kept_then_listed_at_its_new_expiry():
+    c = IpCache()
+    c.record("ws", "a", [("192.0.2.1", 10)], 0, 0.0)  # expires at 11 (kernel timeout 11 s)
+    c.record("ws", "a", [("192.0.2.1", 100)], 0, 5.0)  # refreshed: expires at 106
+    assert c.expire(20.0) == 0 and c.listed("ws") == 1
+    assert list(c.expire_steps(50.0, chunk=1)) == [0]  # nothing due until 106
+    assert c.expire(106.5) == 1 and c.size() == 0 and c.listed("ws") == 0
+
+
+def test_an_ip_expiring_later_in_the_current_second_waits_for_the_next_round():
+    c = IpCache()
+    c.adopt("ws", "192.0.2.1", "a", 10.7)
+    assert c.expire(10.2) == 0 and [e.ip for e in c.entries("ws", 10.2)] == ["192.0.2.1"]
+    assert c.expire(10.8) == 1 and c.size() == 0
+
+
+def test_refreshes_do_not_grow_the_listing_and_repeats_are_read_once():
+    """A known name's refresh lists nothing new (its old second comes first, and the IP is listed
+    again then); an IP forgotten and answered again is listed twice until a round reads it once."""
+    c = IpCache()
+    for t in range(200):
+        c.record("ws", "a", [("192.0.2.1", 30)], 0, float(t))
+    assert c.listed("ws") == 1
+    c.record("ws", "b", [("192.0.2.1", 5)], 0, 200.0)  # a second name on the same IP
+    assert c.listed("ws") == 2
+    for _ in range(3):
+        c.forget("ws", ["192.0.2.2"])
+        c.record("ws", "x", [("192.0.2.2", 30)], 0, 200.0)
+    assert c.listed("ws") == 5
+    assert c.expire(206.0) == 0  # "b" expired; "a" keeps the IP
+    assert sorted((e.ip, e.name) for e in c.entries("ws", 206.0)) == [("192.0.2.1", "a"), ("192.0.2.2", "x")]
+    assert c.listed("ws") == 5  # 192.0.2.1 twice (its two names' seconds), 192.0.2.2 three times
+    assert list(c.expire_steps(250.0, chunk=1)) == [1, 2, 2]  # yet each is read once
+    assert c.size() == 0 and c.listed("ws") == 0
+
+
+def test_a_shared_table_shares_its_listing():
+    old = IpCache()
+    old.record("ws", "a", [("192.0.2.1", 10)], 0, 0.0)
+    new = IpCache()
+    new.share(old, "ws")
+    assert new.expire(20.0) == 1 and new.size() == 0
+    new.drop_workspace("ws")
+    assert new.listed("ws") == 0 and new.workspaces() == []
+
+
+@given(
+    st.lists(st.integers(0, 400).map(lambda q: q / 8), max_size=30),
+    st.lists(st.integers(0, 400).map(lambda q: q / 8), max_size=12),
+    st.integers(0, 3),
+)
+def test_each_round_drops_exactly_what_has_expired(expiries, rounds, chunk):
+    """Expiries and rounds at eighths of a second, many in the same second: after every round
+    the cache holds exactly the IPs whose expiry is still ahead."""
+    c = IpCache()
+    for i, e in enumerate(expiries):
+        c.adopt("ws", f"192.0.2.{i}", "a", e)
+    for now in sorted(rounds):
+        if chunk:
+            list(c.expire_steps(now, chunk))
+        else:
+            c.expire(now)
+        assert set(c.ips("ws")) == {f"192.0.2.{i}" for i, e in enumerate(expiries) if e > now}
+
+
 def test_forget_makes_the_next_answer_program_again():
     c = IpCache()
     c.record("ws", "a", [("192.0.2.1", 60)], 30, 0.0)

@@ -7,6 +7,7 @@ IPs whose names are no longer allowed, and lets a restart re-render the sets wit
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator, KeysView
 from typing import NamedTuple
@@ -30,6 +31,53 @@ class Entry(NamedTuple):
 # {name: expiry} when several did. A tuple costs a third of a one-item dict: with 100,000 IPs
 # cached this is about 13 MB of the daemon's memory.
 _Names = tuple[str, float] | dict[str, float]
+
+
+class _Due:
+    """When a workspace's IPs are next worth looking at: whole seconds of expiry -> the IPs with
+    a name expiring in that second, and a heap of those seconds. An IP is listed at (or before)
+    the first expiry among its names; an entry refreshed since it was listed is listed again at
+    its new expiry when its old second comes. So an expiry round reads only what is due: with
+    100,000 IPs cached and none due, a full scan took 50-100 ms every round on the bench VM,
+    this takes nothing. IPs forgotten meanwhile are skipped when their second comes, and an IP
+    listed twice is read once."""
+
+    __slots__ = ("seconds", "heap")
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, list[str]] = {}
+        self.heap: list[int] = []
+
+    def add(self, ip: str, expiry: float) -> None:
+        second = int(expiry)
+        ips = self.seconds.get(second)
+        if ips is None:
+            self.seconds[second] = [ip]
+            heapq.heappush(self.heap, second)
+        else:
+            ips.append(ip)
+
+    def add_all(self, second: int, ips: list[str]) -> None:
+        have = self.seconds.get(second)
+        if have is None:
+            self.seconds[second] = ips
+            heapq.heappush(self.heap, second)
+        else:
+            have.extend(ips)
+
+    def size(self) -> int:
+        return sum(map(len, self.seconds.values()))
+
+
+def _first(v: _Names) -> float:
+    """The earliest expiry among an IP's names."""
+    if type(v) is tuple:
+        return v[1]  # type: ignore[return-value]
+    return min(v.values())  # type: ignore[union-attr]
+
+
+def _has(v: _Names, name: str) -> bool:
+    return v[0] == name if type(v) is tuple else name in v  # type: ignore[operator]
 
 
 def _latest(v: _Names) -> tuple[str, float]:
@@ -68,13 +116,24 @@ class IpCache:
     def __init__(self) -> None:
         # workspace -> ip -> (name, expiry) or {name: expiry}
         self._ws: dict[str, dict[str, _Names]] = {}
+        # workspace -> when its IPs are due (shared along with the workspace's table)
+        self._due: dict[str, _Due] = {}
+
+    def _table(self, workspace: str) -> tuple[dict[str, _Names], _Due]:
+        ips = self._ws.get(workspace)
+        if ips is None:
+            ips = self._ws[workspace] = {}
+            due = self._due[workspace] = _Due()
+        else:
+            due = self._due[workspace]
+        return ips, due
 
     def record(
         self, workspace: str, name: str, addrs: Iterable[tuple[str, int]], min_ttl: int, now: float
     ) -> list[tuple[str, int]]:
         """Record an answer. Returns (ip, timeout seconds) for each IP whose kernel entry must be
         (re)programmed because this answer outlives what the kernel holds."""
-        ips = self._ws.setdefault(workspace, {})
+        ips, due = self._table(workspace)
         out: list[tuple[str, int]] = []
         for ip, ttl in addrs:
             life = min(max(int(ttl), int(min_ttl), 1), MAX_TTL)
@@ -90,6 +149,8 @@ class IpCache:
                 timeout = math.ceil(life) + MARGIN
                 expiry = max(expiry, now + timeout)
                 out.append((ip, timeout))
+            if cur is None or not _has(cur, name):
+                due.add(ip, expiry)  # a name new to this IP; a known one only expires later
             ips[ip] = _with(cur, name, expiry)
         return out
 
@@ -102,14 +163,18 @@ class IpCache:
 
     def adopt(self, workspace: str, ip: str, name: str, expires: float) -> None:
         """Take over an entry found in the kernel at start-up."""
-        ips = self._ws.setdefault(workspace, {})
-        ips[ip] = _with(ips.get(ip), name, expires)
+        ips, due = self._table(workspace)
+        cur = ips.get(ip)
+        if cur is None or not _has(cur, name):
+            due.add(ip, expires)
+        ips[ip] = _with(cur, name, expires)
 
     def share(self, other: "IpCache", workspace: str) -> None:
         """Take ``other``'s entries of a workspace as they are: the same table, not a copy, so
         ``other`` must not be changed afterwards (the engine drops it once the new one is live)."""
         if workspace in other._ws:
             self._ws[workspace] = other._ws[workspace]
+            self._due[workspace] = other._due[workspace]
 
     def retain(self, workspace: str, keep: Callable[[str], bool]) -> int:
         """Forget the names for which keep(name) is false; returns how many IPs were withdrawn."""
@@ -133,30 +198,46 @@ class IpCache:
 
     def expire_steps(self, now: float, chunk: int = 4096) -> Iterator[int]:
         """expire() in steps of at most ``chunk`` IPs (0: all at once), yielding how many IPs
-        were dropped so far after each step, so that an event loop can serve between them
-        (137,000 IPs in one step held the loop for 40-50 ms). What changes between steps is
+        were dropped so far after each step, so that an event loop can serve between them. Only
+        the IPs listed as due by ``now`` are read (see _Due). What changes between steps is
         judged as it is then: an IP refreshed or forgotten meanwhile is kept or skipped; a
         workspace table replaced meanwhile is finished as it was, and the next round catches up."""
-        dropped = 0
+        dropped = read = 0
         gone = lambda _n, e: e <= now  # noqa: E731
-        for ips in list(self._ws.values()):
-            for i, ip in enumerate(list(ips), 1):
-                v = ips.get(ip)
-                if v is None:
-                    pass  # forgotten between steps
-                elif type(v) is tuple:
-                    if v[1] <= now:
-                        del ips[ip]
-                        dropped += 1
-                else:
-                    w = _without(v, gone)
+        last = int(now)  # the second ``now`` is in: read, but its IPs not yet expired stay listed
+        for ws, ips in list(self._ws.items()):
+            due = self._due[ws]
+            seconds, heap = due.seconds, due.heap
+            later: list[tuple[int, list[str]]] = []
+            while heap and heap[0] <= last:
+                second = heapq.heappop(heap)
+                listed = seconds.pop(second, None)
+                if not listed:
+                    continue
+                stay: list[str] = []
+                for ip in dict.fromkeys(listed):  # in listing order, each once
+                    v = ips.get(ip)
+                    if v is None:
+                        continue  # forgotten (or dropped) since it was listed
+                    w = (None if v[1] <= now else v) if type(v) is tuple else _without(v, gone)  # type: ignore[operator]
                     if w is None:
                         del ips[ip]
                         dropped += 1
                     else:
-                        ips[ip] = w
-                if chunk and i % chunk == 0:
-                    yield dropped
+                        if w is not v:
+                            ips[ip] = w
+                        first = _first(w)
+                        if int(first) == second:
+                            stay.append(ip)  # later in this same second: the next round
+                        else:
+                            due.add(ip, first)
+                    read += 1
+                    if chunk and read % chunk == 0:
+                        yield dropped
+                if stay:
+                    later.append((second, stay))
+            for second, stay in later:
+                due.add_all(second, stay)
         yield dropped
 
     def forget(self, workspace: str, ips: Iterable[str]) -> None:
@@ -171,6 +252,12 @@ class IpCache:
 
     def drop_workspace(self, workspace: str) -> None:
         self._ws.pop(workspace, None)
+        self._due.pop(workspace, None)
+
+    def listed(self, workspace: str) -> int:
+        """How many IPs (with repeats) a workspace lists as due some time (for tests)."""
+        due = self._due.get(workspace)
+        return due.size() if due is not None else 0
 
     def workspaces(self) -> list[str]:
         return list(self._ws)

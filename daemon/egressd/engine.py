@@ -384,7 +384,7 @@ class Engine:
     def expire(self) -> int:
         return self.cache.expire(self.clock())
 
-    def expire_steps(self, chunk: int = 4096) -> Iterator[int]:
+    def expire_steps(self, chunk: int = 512) -> Iterator[int]:
         """expire() a step at a time (see IpCache.expire_steps), for the event loop's housekeeping."""
         return self.cache.expire_steps(self.clock(), chunk)
 

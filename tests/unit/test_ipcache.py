@@ -74,6 +74,16 @@ def test_a_round_reads_only_the_ips_that_are_due():
     assert c.size() == 10_000
 
 
+def test_a_workspace_dropped_between_steps_is_finished_as_it_was():
+    c = IpCache()
+    for ws in ("1001", "1002"):
+        c.record(ws, "a", [(f"192.0.2.{i}", 10) for i in range(3)], 0, 0.0)
+    steps = c.expire_steps(50.0, chunk=1)
+    assert next(steps) == 1
+    c.drop_workspace("1002")  # the round has not reached it yet
+    assert list(steps)[-1] == 6 and c.size() == 0 and c.workspaces() == ["1001"]
+
+
 def test_a_refreshed_ip_is_kept_then_listed_at_its_new_expiry():
     c = IpCache()
     c.record("ws", "a", [("192.0.2.1", 10)], 0, 0.0)  # expires at 11 (kernel timeout 11 s)

@@ -206,8 +206,9 @@ class IpCache:
         dropped = read = 0
         gone = lambda _n, e: e <= now  # noqa: E731
         last = int(now)  # the second ``now`` is in: read, but its IPs not yet expired stay listed
-        for ws, ips in list(self._ws.items()):
-            due = self._due[ws]
+        # Each table with its listing, as they are now: a workspace dropped or replaced between
+        # steps is finished as it was.
+        for ips, due in [(ips, self._due[ws]) for ws, ips in self._ws.items()]:
             seconds, heap = due.seconds, due.heap
             later: list[tuple[int, list[str]]] = []
             while heap and heap[0] <= last:
@@ -220,7 +221,10 @@ class IpCache:
                     v = ips.get(ip)
                     if v is None:
                         continue  # forgotten (or dropped) since it was listed
-                    w = (None if v[1] <= now else v) if type(v) is tuple else _without(v, gone)  # type: ignore[operator]
+                    if type(v) is tuple:
+                        w = None if v[1] <= now else v  # type: ignore[operator]
+                    else:
+                        w = _without(v, gone)
                     if w is None:
                         del ips[ip]
                         dropped += 1

@@ -25,7 +25,7 @@ from .core.addrfilter import split as split_special
 from .core.config import Config
 from .core.connections import Connections
 from .core.dnsmsg import EDE_OTHER, REFUSED, Query
-from .core.ipcache import IpCache
+from .core.ipcache import EXPIRE_STEP, IpCache
 from .core.plan import Plan, build_plan
 from .core.policy import Policy
 from .core.ratelimit import TokenBuckets
@@ -384,7 +384,7 @@ class Engine:
     def expire(self) -> int:
         return self.cache.expire(self.clock())
 
-    def expire_steps(self, chunk: int = 512) -> Iterator[int]:
+    def expire_steps(self, chunk: int = EXPIRE_STEP) -> Iterator[int]:
         """expire() a step at a time (see IpCache.expire_steps), for the event loop's housekeeping."""
         return self.cache.expire_steps(self.clock(), chunk)
 

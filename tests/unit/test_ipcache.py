@@ -4,6 +4,12 @@ from hypothesis import strategies as st
 from egressd.core.ipcache import MARGIN, MAX_TTL, IpCache
 
 
+def listed(c: IpCache, workspace: str) -> int:
+    """How many IPs (with repeats) a workspace lists as due some time."""
+    due = c._due.get(workspace)
+    return sum(map(len, due.seconds.values())) if due is not None else 0
+
+
 def test_first_answer_programs_with_max_of_ttl_and_min_ttl():
     c = IpCache()
     assert c.record("ws", "a.example", [("192.0.2.1", 5)], min_ttl=30, now=100.0) == [("192.0.2.1", 30 + MARGIN)]
@@ -88,9 +94,9 @@ def test_a_refreshed_ip_is_kept_then_listed_at_its_new_expiry():
     c = IpCache()
     c.record("ws", "a", [("192.0.2.1", 10)], 0, 0.0)  # expires at 11 (kernel timeout 11 s)
     c.record("ws", "a", [("192.0.2.1", 100)], 0, 5.0)  # refreshed: expires at 106
-    assert c.expire(20.0) == 0 and c.listed("ws") == 1
+    assert c.expire(20.0) == 0 and listed(c, "ws") == 1
     assert list(c.expire_steps(50.0, chunk=1)) == [0]  # nothing due until 106
-    assert c.expire(106.5) == 1 and c.size() == 0 and c.listed("ws") == 0
+    assert c.expire(106.5) == 1 and c.size() == 0 and listed(c, "ws") == 0
 
 
 def test_an_ip_expiring_later_in_the_current_second_waits_for_the_next_round():
@@ -106,18 +112,18 @@ def test_refreshes_do_not_grow_the_listing_and_repeats_are_read_once():
     c = IpCache()
     for t in range(200):
         c.record("ws", "a", [("192.0.2.1", 30)], 0, float(t))
-    assert c.listed("ws") == 1
+    assert listed(c, "ws") == 1
     c.record("ws", "b", [("192.0.2.1", 5)], 0, 200.0)  # a second name on the same IP
-    assert c.listed("ws") == 2
+    assert listed(c, "ws") == 2
     for _ in range(3):
         c.forget("ws", ["192.0.2.2"])
         c.record("ws", "x", [("192.0.2.2", 30)], 0, 200.0)
-    assert c.listed("ws") == 5
+    assert listed(c, "ws") == 5
     assert c.expire(206.0) == 0  # "b" expired; "a" keeps the IP
     assert sorted((e.ip, e.name) for e in c.entries("ws", 206.0)) == [("192.0.2.1", "a"), ("192.0.2.2", "x")]
-    assert c.listed("ws") == 5  # 192.0.2.1 twice (its two names' seconds), 192.0.2.2 three times
+    assert listed(c, "ws") == 5  # 192.0.2.1 twice (its two names' seconds), 192.0.2.2 three times
     assert list(c.expire_steps(250.0, chunk=1)) == [1, 2, 2]  # yet each is read once
-    assert c.size() == 0 and c.listed("ws") == 0
+    assert c.size() == 0 and listed(c, "ws") == 0
 
 
 def test_a_shared_table_shares_its_listing():
@@ -127,7 +133,7 @@ def test_a_shared_table_shares_its_listing():
     new.share(old, "ws")
     assert new.expire(20.0) == 1 and new.size() == 0
     new.drop_workspace("ws")
-    assert new.listed("ws") == 0 and new.workspaces() == []
+    assert listed(new, "ws") == 0 and new.workspaces() == []
 
 
 @given(

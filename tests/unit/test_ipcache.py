@@ -155,6 +155,42 @@ def test_each_round_drops_exactly_what_has_expired(expiries, rounds, chunk):
         assert set(c.ips("ws")) == {f"192.0.2.{i}" for i, e in enumerate(expiries) if e > now}
 
 
+def test_a_round_left_between_steps_loses_nothing():
+    """A round closed between steps (as at shutdown) lists again what it had taken and not read:
+    the next round drops those IPs. Without that, they would stay cached for good."""
+    c = IpCache()
+    c.record("ws", "a", [(f"192.0.2.{i}", 10) for i in range(10)], 0, 0.0)  # all due at 11
+    c.adopt("ws", "198.51.100.1", "b", 50.5)  # due later in the round's own second
+    steps = c.expire_steps(50.0, chunk=3)
+    assert next(steps) == 3
+    steps.close()
+    assert c.size() == 8 and listed(c, "ws") == 8  # 7 not read, and the one of second 50
+    assert c.expire(50.0) == 7 and set(c.ips("ws")) == {"198.51.100.1"}
+    assert c.expire(51.0) == 1 and c.size() == 0 and listed(c, "ws") == 0
+
+
+@given(
+    st.lists(st.integers(0, 400).map(lambda q: q / 8), max_size=30),
+    st.lists(st.tuples(st.integers(0, 400).map(lambda q: q / 8), st.integers(0, 12)), max_size=12),
+    st.integers(1, 3),
+)
+def test_rounds_left_between_steps_never_lose_an_ip(expiries, rounds, chunk):
+    """Rounds closed after some steps drop only expired IPs, and a full round afterwards drops
+    exactly what has expired by then."""
+    c = IpCache()
+    for i, e in enumerate(expiries):
+        c.adopt("ws", f"192.0.2.{i}", "a", e)
+    now = 0.0
+    for now, steps in sorted(rounds):
+        gen = c.expire_steps(now, chunk)
+        for _ in zip(range(steps), gen):
+            pass
+        gen.close()
+        assert set(c.ips("ws")) >= {f"192.0.2.{i}" for i, e in enumerate(expiries) if e > now}
+    c.expire(now)
+    assert set(c.ips("ws")) == {f"192.0.2.{i}" for i, e in enumerate(expiries) if e > now}
+
+
 def test_forget_makes_the_next_answer_program_again():
     c = IpCache()
     c.record("ws", "a", [("192.0.2.1", 60)], 30, 0.0)

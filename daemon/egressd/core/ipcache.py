@@ -195,7 +195,9 @@ class IpCache:
         the IPs listed as due by ``now`` are read (see _Due); 100,000 IPs expiring at once took
         50-80 ms in all on the bench VM. What changes between steps is
         judged as it is then: an IP refreshed or forgotten meanwhile is kept or skipped; a
-        workspace table replaced meanwhile is finished as it was, and the next round catches up."""
+        workspace table replaced meanwhile is finished as it was, and the next round catches up.
+        A round left unfinished (the generator closed, as at shutdown) loses nothing: the IPs it
+        had taken from the listing and not read are listed again, for the next round."""
         dropped = read = 0
         gone = lambda _n, e: e <= now  # noqa: E731
         last = int(now)  # the second ``now`` is in: read, but its IPs not yet expired stay listed
@@ -203,39 +205,47 @@ class IpCache:
         # steps is finished as it was.
         for ips, due in [(ips, self._due[ws]) for ws, ips in self._ws.items()]:
             seconds, heap = due.seconds, due.heap
-            later: list[tuple[int, list[str]]] = []
-            while heap and heap[0] <= last:
-                second = heapq.heappop(heap)
-                listed = seconds.pop(second, None)
-                if not listed:
-                    continue
-                stay: list[str] = []
-                for ip in dict.fromkeys(listed):  # in listing order, each once
-                    v = ips.get(ip)
-                    if v is None:
-                        continue  # forgotten (or dropped) since it was listed
-                    if type(v) is tuple:
-                        w = None if v[1] <= now else v  # type: ignore[operator]
-                    else:
-                        w = _without(v, gone)
-                    if w is None:
-                        del ips[ip]
-                        dropped += 1
-                    else:
-                        if w is not v:
-                            ips[ip] = w
-                        first = _first(w)
-                        if int(first) == second:
-                            stay.append(ip)  # later in this same second: the next round
-                        else:
-                            due.add(ip, first)
-                    read += 1
-                    if chunk and read % chunk == 0:
-                        yield dropped
-                if stay:
+            later: list[tuple[int, list[str]]] = []  # (second, its IPs due later in it)
+            second, done = 0, 0
+            todo: list[str] = []  # the second being read, its IPs, how many were read
+            try:
+                while heap and heap[0] <= last:
+                    second = heapq.heappop(heap)
+                    todo, done = list(dict.fromkeys(seconds.pop(second, ()))), 0  # each IP once
+                    stay: list[str] = []
                     later.append((second, stay))
-            for second, stay in later:
-                due.at(second).extend(stay)
+                    for ip in todo:
+                        done += 1
+                        v = ips.get(ip)
+                        if v is None:
+                            continue  # forgotten (or dropped) since it was listed
+                        if type(v) is tuple:
+                            w = None if v[1] <= now else v  # type: ignore[operator]
+                        else:
+                            w = _without(v, gone)
+                        if w is None:
+                            del ips[ip]
+                            dropped += 1
+                        else:
+                            if w is not v:
+                                ips[ip] = w
+                            first = _first(w)
+                            if int(first) == second:
+                                stay.append(ip)  # later in this same second: the next round
+                            else:
+                                due.add(ip, first)
+                        read += 1
+                        if chunk and read % chunk == 0:
+                            yield dropped
+            finally:
+                # After the heap loop, so that this round does not read them again. A round
+                # abandoned between steps (its generator closed) also lists again what it had
+                # taken and not read: nothing it popped is lost to later rounds.
+                for s, stay in later:
+                    if stay:
+                        due.at(s).extend(stay)
+                if done < len(todo):
+                    due.at(second).extend(todo[done:])
         yield dropped
 
     def forget(self, workspace: str, ips: Iterable[str]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -259,3 +260,42 @@ async def test_a_delta_withdrawing_a_pending_answer_fails_it(scratch_ns, engine)
     with pytest.raises(StaleGeneration):
         await task
     assert "198.51.100.21" not in elements(scratch_ns, "ws_1001_dyn4") and engine.cache.size("1001") == 0
+
+
+def test_an_expired_element_not_yet_collected_neither_matches_nor_blocks_a_new_add(scratch_ns, writer):
+    """What makes the answer sets' long gc-interval safe: with the collector an hour away, an
+    element past its timeout no longer matches a packet, is not dumped (so a restart does not
+    adopt it), and the writer's add makes it match again, with its new timeout."""
+    ns = scratch_ns.name
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
+
+    scratch_ns.nft.run(
+        "add table inet egressd\n"
+        "add set inet egressd ws_a_dyn4 { type ipv4_addr; flags timeout; gc-interval 1h; }\n"
+        "add counter inet egressd hits\n"
+        "add chain inet egressd out { type filter hook output priority 0; policy accept; }\n"
+        "add rule inet egressd out ip daddr @ws_a_dyn4 counter name hits\n")
+    # A veth pair inside the namespace to route the probes into: they leave it nowhere.
+    sh("ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    sh("ip", "addr", "add", "10.99.0.1/24", "dev", "d0")
+    sh("ip", "link", "set", "d0", "up")
+    sh("ip", "link", "set", "d1", "up")
+    sh("ip", "route", "add", "192.0.2.0/24", "dev", "d0")
+
+    def hits_after_probe() -> int:
+        sh("python3", "-c", "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('192.0.2.1', 9))")
+        out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "counter", "inet", "egressd", "hits"],
+                             capture_output=True, text=True, check=True).stdout
+        return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
+
+    writer.add({"ws_a_dyn4": [Element("192.0.2.1", 1, "a.example")]})
+    assert hits_after_probe() == 1
+    time.sleep(1.6)
+    assert hits_after_probe() == 1  # expired: no match, though not collected
+    assert writer.dump("ws_a_dyn4") == [] and elements(scratch_ns, "ws_a_dyn4") == {}
+    writer.add({"ws_a_dyn4": [Element("192.0.2.1", 30, "b.example")]})
+    assert hits_after_probe() == 2
+    e = elements(scratch_ns, "ws_a_dyn4")["192.0.2.1"]
+    assert (e["timeout"], e["comment"]) == (30, "b.example")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 import uuid
 
@@ -58,6 +59,9 @@ def test_rendered_table_loads_and_reloads(netns, deny):
     out = listing(netns)
     assert out.count("table inet egressd") == 1
     assert "198.51.100.49 timeout" in out
+    # Every answer set (dyn4, dyn6) of each restricted or dry-run workspace, collected every 10 s.
+    dyn_sets = re.findall(r"set (ws_\w+_dyn[46]) \{\n\t+type \w+\n\t+flags timeout\n\t+gc-interval 10s\n", out)
+    assert len(dyn_sets) == 4 and len(set(dyn_sets)) == 4, out[:2000]
 
 
 def test_refused_transaction_changes_nothing(netns):

@@ -62,6 +62,9 @@ def test_rendered_table_loads_and_reloads(netns, deny):
     # Every answer set (dyn4, dyn6) of each restricted or dry-run workspace, collected every 10 s.
     dyn_sets = re.findall(r"set (ws_\w+_dyn[46]) \{\n\t+type \w+\n\t+flags timeout\n\t+gc-interval 10s\n", out)
     assert len(dyn_sets) == 4 and len(set(dyn_sets)) == 4, out[:2000]
+    rate_sets = re.findall(r"set (\w+_rate_v[46]) \{\n\t+type \w+\n\t+size 65535\n\t+flags dynamic,timeout\n"
+                           r"\t+timeout 1m\n\t+gc-interval 10s\n", out)
+    assert sorted(rate_sets) == ["dns_rate_v4", "dns_rate_v6", "log_rate_v4", "log_rate_v6"], out[:2000]
 
 
 def test_refused_transaction_changes_nothing(netns):

@@ -8,7 +8,7 @@ timeout set like a workspace's answer set gets ``--elements`` elements that expi
 (each with a 20-character comment), then the raw writer (egressd.nftset, as the daemon programs
 answers) commits one element into another set ``rate`` times a second, evenly spaced, for
 ``--seconds``. The kernel's Slab memory (/proc/meminfo) is read every 5 s: it falls by some 13 MB
-(100,000 elements) once the collector has freed the expired elements. Since Linux 6.5 the
+(100,000 elements) once the collector has freed the expired elements. From Linux 6.5 the
 collector gives a walk up as soon as any ruleset change commits in the namespace, so changes
 spaced closer than a walk of the set can keep it from ever finishing. Slab is machine-wide:
 run it on a quiet machine."""

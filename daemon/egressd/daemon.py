@@ -208,6 +208,8 @@ class Daemon:
                  [({"workspace_id": ws, "policy_id": e.policy_of(ws) or ""}, e.cache.size(ws)) for ws in sorted(e.cache.workspaces())])
         x.one("egressd_programmed_ips_total", "counter", "IPs programmed into the kernel sets.", e.counters["programmed_ips"])
         x.one("egressd_program_errors_total", "counter", "Failed set updates (the answer became SERVFAIL).", e.counters["program_errors"])
+        x.one("egressd_set_transactions_total", "counter",
+              "Kernel transactions that added answers' IPs to the sets, refused ones included.", e.counters["set_transactions"])
         shim = self.shim
         if shim is not None:
             x.metric("egressd_dns_answers_total", "counter",

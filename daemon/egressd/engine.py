@@ -137,7 +137,9 @@ class Engine:
         self.last_apply_scope = ""  # "table" (replaced whole) or "delta" (workload elements only)
         self.last_apply_ms = 0.0
         self.last_apply_wall: float | None = None  # time.time() of the last ruleset swap
-        self.counters = {"programmed_ips": 0, "program_errors": 0}
+        # set_transactions: answer batches sent to the kernel, refused ones included. Each one
+        # gives up a kernel collection walk that is running (README, Operations).
+        self.counters = {"programmed_ips": 0, "program_errors": 0, "set_transactions": 0}
         # The per-workload DNS query rate limit (buckets by workload id) and its rejections by workspace.
         self.dns_limit = TokenBuckets(cfg.dns.rate_limit_qps, cfg.dns.rate_limit_burst)
         self.dns_rate_limited: Counter[str] = Counter()
@@ -482,6 +484,7 @@ class Engine:
         gen = self.generation
         if self.nftset is None:
             try:
+                self.counters["set_transactions"] += 1
                 self.nft.run(program_elements(wp, todo, target.name))
             except Exception:
                 self._program_failed(gen, target.workspace_id, todo)
@@ -538,6 +541,7 @@ class Engine:
         if not live:
             return
         try:
+            self.counters["set_transactions"] += 1
             self.nftset.add(_merged(live))
         except Exception as e:
             if len(live) == 1:
@@ -545,6 +549,7 @@ class Engine:
                 return
             for p in live:
                 try:
+                    self.counters["set_transactions"] += 1
                     self.nftset.add(p.sets)
                 except Exception as e1:
                     _settle(p.future, e1)

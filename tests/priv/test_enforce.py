@@ -186,10 +186,20 @@ RACE_SCRIPT = textwrap.dedent(
 def test_no_race_between_answer_and_set(env):
     """1,000 names never resolved before, each followed at once by a TCP connect: 0 failures."""
     n = world.RACE_NAMES
+    before = _counter(env, "egressd_set_transactions_total")
     r = env.lab.run(env.w1.netns, [env_python(), "-c", RACE_SCRIPT, str(n), "150"], timeout=170)
     done, failures = map(int, r.stdout.split())
     assert done == n, r.stderr[-2000:]
     assert failures == 0, r.stderr[-2000:]
+    # Each fresh name's IP went into the kernel in some transaction; answers that arrive in the
+    # same event-loop turn share one.
+    assert 1 <= _counter(env, "egressd_set_transactions_total") - before <= n
+
+
+def _counter(env, name: str) -> float:
+    status, text = env.api("GET", "/metrics")
+    assert status == 200
+    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])
 
 
 def env_python() -> str:

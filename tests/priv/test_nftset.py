@@ -202,7 +202,7 @@ async def test_concurrent_answers_are_one_batch_and_return_after_the_kernel_has_
     assert len(engine.nftset.batches[0]["ws_1001_dyn4"]) == 20
     for i, have in seen.items():  # every caller returned with its own IPs in the kernel
         assert {f"198.51.100.{i + 1}", f"2001:db8::{i + 1:x}"} <= have
-    assert engine.counters == {"programmed_ips": 40, "program_errors": 0}
+    assert engine.counters == {"programmed_ips": 40, "program_errors": 0, "set_transactions": 1}
     assert elements(scratch_ns, "ws_1001_dyn4")["198.51.100.3"]["comment"] == "h2.githubusercontent.com"
 
 
@@ -218,7 +218,7 @@ async def test_a_bad_answer_fails_alone(scratch_ns, engine):
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], NftSetError) and results[1].set_name == "ws_1001_dyn6"
     assert set(elements(scratch_ns, "ws_1001_dyn4")) == {"198.51.100.10", "198.51.100.11"}
-    assert engine.counters == {"programmed_ips": 2, "program_errors": 1}
+    assert engine.counters == {"programmed_ips": 2, "program_errors": 1, "set_transactions": 4}  # the batch, then each answer
     assert engine.cache.size("1001") == 2  # the failed IP was forgotten, to be programmed again
 
 
@@ -243,7 +243,7 @@ async def test_a_delta_racing_a_pending_batch_lets_it_go_in(scratch_ns, engine):
     engine.apply(_state(), reason="an equal policy, parsed again")
     assert engine.last_apply_scope == "delta"
     await task
-    assert engine.counters == {"programmed_ips": 1, "program_errors": 0}
+    assert engine.counters == {"programmed_ips": 1, "program_errors": 0, "set_transactions": 1}
     assert "198.51.100.20" in elements(scratch_ns, "ws_1001_dyn4") and engine.cache.size("1001") == 1
 
 

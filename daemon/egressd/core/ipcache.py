@@ -206,8 +206,8 @@ class IpCache:
         for ips, due in [(ips, self._due[ws]) for ws, ips in self._ws.items()]:
             seconds, heap = due.seconds, due.heap
             later: list[tuple[int, list[str]]] = []  # (second, its IPs due later in it)
-            second, done = 0, 0
-            todo: list[str] = []  # the second being read, its IPs, how many were read
+            second, done = 0, 0  # the second being read, and how many of its IPs were read
+            todo: list[str] = []  # its IPs
             try:
                 while heap and heap[0] <= last:
                     second = heapq.heappop(heap)

@@ -43,7 +43,11 @@ from .statestore import StateStore
 
 log = structlog.get_logger("egressd.daemon")
 
-EXPIRE_INTERVAL = 10.0
+#: Seconds between expiry rounds. A round deletes what it drops from the kernel while the
+#: element is live (ipcache.GRACE is 5 s), and reads only the IPs due, so it runs every second.
+EXPIRE_INTERVAL = 1.0
+#: Seconds between re-reads of the node's addresses (and the status line systemd shows).
+NODE_REFRESH_INTERVAL = 10.0
 GC_SETTLE_INTERVAL = 600.0  # seconds between settle_gc() rounds in housekeeping
 
 
@@ -209,7 +213,13 @@ class Daemon:
         x.one("egressd_programmed_ips_total", "counter", "IPs programmed into the kernel sets.", e.counters["programmed_ips"])
         x.one("egressd_program_errors_total", "counter", "Failed set updates (the answer became SERVFAIL).", e.counters["program_errors"])
         x.one("egressd_set_transactions_total", "counter",
-              "Kernel transactions that added answers' IPs to the sets, refused ones included.", e.counters["set_transactions"])
+              "Kernel transactions that added answers' IPs to the sets or deleted expired ones, refused ones included.",
+              e.counters["set_transactions"])
+        x.one("egressd_expired_deleted_total", "counter",
+              "Expired answers' IPs deleted from the kernel sets by the daemon.", e.counters["expired_deleted"])
+        x.one("egressd_expired_delete_errors_total", "counter",
+              "Deletes of expired IPs the kernel refused (its own timeout removes them later).",
+              e.counters["expire_delete_errors"])
         shim = self.shim
         if shim is not None:
             x.metric("egressd_dns_answers_total", "counter",
@@ -276,24 +286,26 @@ class Daemon:
         self.notifier.notify(ready=1, status=self._status_text())
 
     async def _housekeeping(self) -> None:
-        settled = time.monotonic()
+        settled = refreshed = time.monotonic()
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
             if time.monotonic() - settled >= GC_SETTLE_INTERVAL:
                 settle_gc()
                 settled = time.monotonic()
             try:
-                # A step of a few thousand IPs at a time: DNS answers go on in between.
+                # A step of a few hundred IPs at a time: DNS answers go on in between.
                 for _ in self.engine.expire_steps():
                     await asyncio.sleep(0)
-                await self._refresh_node_addresses()
-                self.notifier.notify(status=self._status_text())
+                if time.monotonic() - refreshed >= NODE_REFRESH_INTERVAL:
+                    refreshed = time.monotonic()
+                    await self._refresh_node_addresses()
+                    self.notifier.notify(status=self._status_text())
             except Exception:  # noqa: BLE001 - one bad round must not end housekeeping for good
                 log.exception("housekeeping_failed")
 
     async def _refresh_node_addresses(self) -> None:
         """The node's own addresses change (DHCP, new interfaces): answers holding any of them are
-        never programmed, so the list follows the node within EXPIRE_INTERVAL. (One blocking
+        never programmed, so the list follows the node within NODE_REFRESH_INTERVAL. (One blocking
         netlink dump: it is called from a worker thread.)"""
         try:
             addrs = {ipaddress.ip_address(a) for a in await asyncio.to_thread(node_addresses)}

@@ -25,7 +25,7 @@ from .core.addrfilter import split as split_special
 from .core.config import Config
 from .core.connections import Connections
 from .core.dnsmsg import EDE_OTHER, REFUSED, Query
-from .core.ipcache import EXPIRE_STEP, IpCache
+from .core.ipcache import EXPIRE_STEP, GRACE, IpCache
 from .core.plan import Plan, build_plan
 from .core.policy import Policy
 from .core.ratelimit import TokenBuckets
@@ -37,7 +37,9 @@ from .core.ruleset import (
     render_table,
     replace_table,
     same_skeleton,
+    set_grace,
     table_delta,
+    withdraw_elements,
 )
 from .core.verdict import CompiledPolicy, Decision, Verdict
 from .core.workloads import Workload
@@ -85,6 +87,12 @@ def _table_elements(plan: Plan, cache: IpCache) -> int:
             n += cache.size(ws) + len(cp.allowed_ranges_v4) + len(cp.allowed_ranges_v6)
             n += len(cp.blocked_ranges_v4) + len(cp.blocked_ranges_v6)
     return n
+
+
+#: The most IPs one delete transaction of an expiry round takes: its messages (about 50 bytes an
+#: IP) must fit the netlink socket's buffer (nftset: 4 MiB). Rounds in steps (EXPIRE_STEP) stay
+#: far below it; a whole round at once (expire()) is split.
+DELETE_BATCH = 20_000
 
 
 class StaleGeneration(ApplyError):
@@ -137,9 +145,13 @@ class Engine:
         self.last_apply_scope = ""  # "table" (replaced whole) or "delta" (workload elements only)
         self.last_apply_ms = 0.0
         self.last_apply_wall: float | None = None  # time.time() of the last ruleset swap
-        # set_transactions: answer batches sent to the kernel, refused ones included. Each one
-        # gives up a kernel collection walk that is running (README, Operations).
-        self.counters = {"programmed_ips": 0, "program_errors": 0, "set_transactions": 0}
+        # set_transactions: answer batches and expiry deletes sent to the kernel, refused ones
+        # included. Each one gives up a kernel collection walk that is running (README, Operations).
+        # expired_deleted: IPs an expiry round deleted from the kernel (expire_delete_errors: the
+        # transactions of them refused).
+        self.counters = {"programmed_ips": 0, "program_errors": 0, "set_transactions": 0,
+                         "expired_deleted": 0, "expire_delete_errors": 0}
+        self._delete_warned = float("-inf")
         # The per-workload DNS query rate limit (buckets by workload id) and its rejections by workspace.
         self.dns_limit = TokenBuckets(cfg.dns.rate_limit_qps, cfg.dns.rate_limit_burst)
         self.dns_rate_limited: Counter[str] = Counter()
@@ -202,9 +214,14 @@ class Engine:
             if not s or not s["name"].startswith("ws_") or s["name"][-5:] not in ("_dyn4", "_dyn6"):
                 continue
             ws = s["name"][3:-5]
+            # The cache holds an IP until the kernel's expiry less the grace the set was written
+            # with (none in a table of an egressd before explicit deletes), so the delete at the
+            # cache's expiry finds the element live. One past that is left to the kernel.
+            grace = set_grace(comment)
             for ip, name, expires_s in self._live_elements(s):
-                self.cache.adopt(ws, ip, name, now + expires_s)
-                adopted += 1
+                if expires_s > grace:
+                    self.cache.adopt(ws, ip, name, now + expires_s - grace)
+                    adopted += 1
         del objs
         malloc_trim()
         return adopted
@@ -384,11 +401,68 @@ class Engine:
         self.nft.run(delete_table())
 
     def expire(self) -> int:
-        return self.cache.expire(self.clock())
+        """One whole expiry round (see expire_steps). Returns the number of IPs dropped."""
+        dropped = 0
+        for dropped in self.expire_steps(chunk=0):
+            pass
+        return dropped
 
     def expire_steps(self, chunk: int = EXPIRE_STEP) -> Iterator[int]:
-        """expire() a step at a time (see IpCache.expire_steps), for the event loop's housekeeping."""
-        return self.cache.expire_steps(self.clock(), chunk)
+        """An expiry round a step at a time (see IpCache.expire_steps), for the event loop's
+        housekeeping: the IPs each step drops leave the kernel's sets before it yields, while
+        their elements are still live (the kernel holds them GRACE seconds longer), so the
+        commit frees them."""
+        gone: list[tuple[str, str]] = []
+        steps = self.cache.expire_steps(self.clock(), chunk, gone)
+        try:
+            for dropped in steps:
+                if gone:
+                    self._delete_expired(gone)
+                    gone.clear()
+                yield dropped
+        finally:
+            steps.close()
+
+    def _delete_expired(self, gone: list[tuple[str, str]]) -> None:
+        """Delete from the kernel the IPs an expiry round dropped, each unless the live cache holds
+        it (again): an answer recorded it since, or the round ran on a cache a policy apply has
+        replaced, whose own round deletes it when it is due there. No await comes between the
+        drop and the delete, so an answer's add is never overtaken. A failure is logged and
+        counted; the kernel's timeout then removes the elements GRACE seconds later."""
+        cache, plan = self.cache, self.plan
+        sets: dict[str, list[str]] = {}
+        n = 0
+        for ws, ip in gone:
+            if ip in cache.ips(ws):
+                continue
+            wp = plan.workspaces.get(ws) if plan is not None else None
+            if wp is None or not wp.restricted:
+                continue  # no sets of its own any more: the table replaced them
+            sets.setdefault(f"{wp.key}_dyn6" if ":" in ip else f"{wp.key}_dyn4", []).append(ip)
+            n += 1
+            if n == DELETE_BATCH:
+                self._delete_now(sets, n)
+                sets, n = {}, 0
+        if n:
+            self._delete_now(sets, n)
+
+    def _delete_now(self, sets: dict[str, list[str]], n: int) -> None:
+        self.counters["set_transactions"] += 1
+        try:
+            if self.nftset is not None:
+                self.nftset.delete(sets)
+            else:
+                self.nft.run(withdraw_elements(sets))
+        except Exception as e:  # noqa: BLE001 - the kernel's timeout is the fallback
+            self.counters["expire_delete_errors"] += 1
+            now = self.clock()
+            if now >= self._delete_warned + 60:
+                log.warning("expired_delete_failed", ips=n, error=str(e),
+                            fallback=f"the kernel's timeout, {GRACE} s later",
+                            failures=self.counters["expire_delete_errors"])
+                self._delete_warned = now
+        else:
+            self.counters["expired_deleted"] += n
 
     # --- the DNS path ------------------------------------------------------------------------
     def workload_of(self, src: str) -> Workload | None:

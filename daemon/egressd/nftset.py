@@ -1,4 +1,4 @@
-"""Adding timeout-set elements over one raw NETLINK_NETFILTER socket (no libnftables on the DNS path).
+"""Adding (and deleting) timeout-set elements over one raw NETLINK_NETFILTER socket (no libnftables on the DNS path).
 
 The kernel runs an nfnetlink batch inside sendmsg(), so its ACKs are queued when send returns: the
 writer sends one batch and reads the ACKs back at once (a receive timeout guards against a kernel
@@ -14,7 +14,17 @@ import socket
 import struct
 from collections.abc import Iterable, Mapping
 
-from .core.nfmsg import DumpedElement, DumpError, Element, add_batch, getsetelem_dump, parse_acks, parse_setelem_dump
+from .core.nfmsg import (
+    Batch,
+    DumpedElement,
+    DumpError,
+    Element,
+    add_batch,
+    delete_batch,
+    getsetelem_dump,
+    parse_acks,
+    parse_setelem_dump,
+)
 from .errors import ApplyError
 
 TABLE = "egressd"  # of family inet
@@ -69,7 +79,15 @@ class NftSetWriter:
         """Add elements (resetting their timeouts) to sets of table inet egressd as one transaction.
         Returns the number of messages sent; raises NftSetError naming the set and errno, after
         which nothing of the batch applied."""
-        batch = add_batch(TABLE, sets, self._seq)
+        return self._send(add_batch(TABLE, sets, self._seq), "adding elements to")
+
+    def delete(self, sets: Mapping[str, Iterable[str]]) -> int:
+        """Take IPs out of sets of table inet egressd as one transaction, whether the kernel still
+        holds them or not (see delete_batch). Returns the number of messages sent; raises
+        NftSetError (a set that is missing: ENOENT), after which nothing of the batch applied."""
+        return self._send(delete_batch(TABLE, sets, self._seq), "deleting elements from")
+
+    def _send(self, batch: Batch, doing: str) -> int:
         self._seq = batch.next_seq & 0xFFFFFFFF
         if batch.next_seq > 0xFFFFFF00:
             self._seq = 1
@@ -85,17 +103,17 @@ class NftSetWriter:
                 data = self._sock.recv(_RECV)
             except (BlockingIOError, TimeoutError) as e:  # SO_RCVTIMEO ran out: EAGAIN
                 self._dirty = True
-                raise NftSetError(next(iter(batch.acks.values())), errno.ETIMEDOUT) from e
+                raise NftSetError(next(iter(batch.acks.values())), errno.ETIMEDOUT, doing) from e
             for seq, err in parse_acks(data):
                 if seq == batch.begin_seq and err:
                     # The batch as a whole was refused (EPERM, no nf_tables...): no more ACKs come.
-                    raise NftSetError(next(iter(batch.acks.values())), err)
+                    raise NftSetError(next(iter(batch.acks.values())), err, doing)
                 if seq in pending:
                     pending.discard(seq)
                     if err and first is None:
                         first = (batch.acks[seq], err)
         if first is not None:
-            raise NftSetError(*first)
+            raise NftSetError(*first, doing)
         return len(batch.acks)
 
     def dump(self, set_name: str) -> list[DumpedElement]:

@@ -650,9 +650,10 @@ HOLD = textwrap.dedent(
 
 
 def test_established_flow_outlives_its_expired_entry_and_new_flows_are_denied():
-    """Real expiry: dnsmasq answers with TTL 2, min_ttl is 1, so pypi.org's IP leaves the set 3 s
-    (TTL + 1 s margin) after the answer. A connection opened before stays usable; a new one to the
-    same IP is rejected and logged; resolving again reopens it."""
+    """Real expiry: dnsmasq answers with TTL 2, min_ttl is 1, so pypi.org's IP leaves the set 3-4 s
+    after the answer (TTL + 1 s margin, then the next expiry round, which runs every second and
+    deletes it: the kernel's own timeout would take it out GRACE = 5 s later). A connection opened
+    before stays usable; a new one to the same IP is rejected and logged; resolving again reopens it."""
     with mock.patch.object(lab_dnsmasq, "LOCAL_TTL", 2):  # the Lab has no TTL option: its dnsmasq reads this at start
         lab = Lab(workloads=1, records=world.records(race=0), cnames=world.CNAMES).start()
     try:
@@ -691,7 +692,8 @@ def _expiry_scenario(lab: Lab, collector: CollectorProc) -> None:
             time.sleep(0.1)
         expired_after = time.monotonic() - t_answer
         assert not in_set(), "the entry did not expire"
-        assert 2.0 <= expired_after <= 4.5, f"expired {expired_after:.2f}s after the answer"
+        # Under 5 s: the daemon's delete, not the kernel's timeout (8 s).
+        assert 2.0 <= expired_after <= 5.0, f"expired {expired_after:.2f}s after the answer"
         print(f"entry expired {expired_after:.2f}s after the answer")
         out, err = p.communicate("go\n", timeout=10)
         assert out.splitlines()[-1] == "HTTP/1.1 200 OK", out + err  # established: still passes

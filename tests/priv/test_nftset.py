@@ -12,14 +12,16 @@ import time
 import pytest
 
 from egressd.core.config import config_from_dict
+from egressd.core.ipcache import GRACE, MARGIN
 from egressd.core.nfmsg import Element
 from egressd.core.policy import default_policy, parse_policy
 from egressd.core.workloads import Workload
-from egressd.engine import Engine, StaleGeneration, State, Target
+from egressd.engine import DELETE_BATCH, Engine, StaleGeneration, State, Target
 from egressd.lab import world
 from egressd.netns import entered
 from egressd.nftset import NftSetError, NftSetWriter
 
+NO_DELETES = {"expired_deleted": 0, "expire_delete_errors": 0}
 SETS = ("add table inet egressd\n"
         "add set inet egressd ws_a_dyn4 { type ipv4_addr; flags timeout; }\n"
         "add set inet egressd ws_a_dyn6 { type ipv6_addr; flags timeout; }\n")
@@ -202,7 +204,7 @@ async def test_concurrent_answers_are_one_batch_and_return_after_the_kernel_has_
     assert len(engine.nftset.batches[0]["ws_1001_dyn4"]) == 20
     for i, have in seen.items():  # every caller returned with its own IPs in the kernel
         assert {f"198.51.100.{i + 1}", f"2001:db8::{i + 1:x}"} <= have
-    assert engine.counters == {"programmed_ips": 40, "program_errors": 0, "set_transactions": 1}
+    assert engine.counters == {**NO_DELETES, "programmed_ips": 40, "program_errors": 0, "set_transactions": 1}
     assert elements(scratch_ns, "ws_1001_dyn4")["198.51.100.3"]["comment"] == "h2.githubusercontent.com"
 
 
@@ -218,7 +220,7 @@ async def test_a_bad_answer_fails_alone(scratch_ns, engine):
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], NftSetError) and results[1].set_name == "ws_1001_dyn6"
     assert set(elements(scratch_ns, "ws_1001_dyn4")) == {"198.51.100.10", "198.51.100.11"}
-    assert engine.counters == {"programmed_ips": 2, "program_errors": 1, "set_transactions": 4}  # the batch, then each answer
+    assert engine.counters == {**NO_DELETES, "programmed_ips": 2, "program_errors": 1, "set_transactions": 4}  # the batch, then each answer
     assert engine.cache.size("1001") == 2  # the failed IP was forgotten, to be programmed again
 
 
@@ -243,7 +245,7 @@ async def test_a_delta_racing_a_pending_batch_lets_it_go_in(scratch_ns, engine):
     engine.apply(_state(), reason="an equal policy, parsed again")
     assert engine.last_apply_scope == "delta"
     await task
-    assert engine.counters == {"programmed_ips": 1, "program_errors": 0, "set_transactions": 1}
+    assert engine.counters == {**NO_DELETES, "programmed_ips": 1, "program_errors": 0, "set_transactions": 1}
     assert "198.51.100.20" in elements(scratch_ns, "ws_1001_dyn4") and engine.cache.size("1001") == 1
 
 
@@ -299,3 +301,145 @@ def test_an_expired_element_not_yet_collected_neither_matches_nor_blocks_a_new_a
     assert hits_after_probe() == 2
     e = elements(scratch_ns, "ws_a_dyn4")["192.0.2.1"]
     assert (e["timeout"], e["comment"]) == (30, "b.example")
+
+
+# --- deletes of expired answers ------------------------------------------------------------------
+
+def _slab_kb() -> int:
+    """kB in the objects in use of the kernel's memory-accounted kmalloc caches, where set elements
+    live (GFP_KERNEL_ACCOUNT). Objects, not slabs: a slab half freed by an earlier test and
+    filled again does not hide them, as it does in /proc/meminfo's Slab."""
+    total = 0
+    with open("/proc/slabinfo") as f:
+        for line in f:
+            if line.startswith("kmalloc-cg-"):
+                fields = line.split()
+                total += int(fields[1]) * int(fields[3])
+    return total // 1024
+
+
+def test_delete_frees_live_elements_and_takes_expired_or_missing_ones_in_its_stride(scratch_ns, writer):
+    """The writer's delete (add the bare keys, then delete them) frees live elements at once, with
+    the collector an hour away, and does not fail on an element that has timed out, or one the
+    set never had."""
+    scratch_ns.nft.run(
+        "add table inet egressd\n"
+        "add set inet egressd ws_a_dyn4 { type ipv4_addr; flags timeout; gc-interval 1h; }\n"
+        "add set inet egressd ws_a_dyn6 { type ipv6_addr; flags timeout; gc-interval 1h; }\n")
+    writer.add({"ws_a_dyn4": [Element("192.0.2.1", 1, "gone.example")]})
+    time.sleep(1.3)  # timed out, not collected
+    # 100,000 live ones, with comments of 40 characters: 10 MB or more of the kernel's slab.
+    live = [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(100_000)]
+    before = _slab_kb()
+    for i in range(0, len(live), 10_000):  # a transaction's messages must fit the socket's buffer
+        writer.add({"ws_a_dyn4": [Element(ip, 300, "live-element-with-a-long-name.example.org")
+                                  for ip in live[i : i + 10_000]]})
+    writer.add({"ws_a_dyn6": [Element("2001:db8::1", 300, "v6.example")]})
+    grown = _slab_kb() - before
+    print(f"slab grew {grown} kB for 100,000 elements")
+    assert grown > 5_000, f"the kernel's slab grew {grown} kB for 100,000 elements"
+    for i in range(0, len(live), 50_000):
+        writer.delete({"ws_a_dyn4": live[i : i + 50_000]})
+    assert writer.delete({"ws_a_dyn4": ["192.0.2.1", "192.0.2.77"], "ws_a_dyn6": ["2001:db8::1"]}) == 4
+    assert writer.dump("ws_a_dyn4") == [] and writer.dump("ws_a_dyn6") == []
+    deadline = time.monotonic() + 10
+    while _slab_kb() - before > grown / 4 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the commit frees them after an RCU grace period
+    left = _slab_kb() - before
+    print(f"{left} kB of it left after the delete")
+    assert left <= grown / 4, f"slab still {left} kB over the start after the delete (it grew {grown} kB)"
+    # The same delete again, of elements that are all gone: still no error.
+    writer.delete({"ws_a_dyn4": live[:10]})
+    with pytest.raises(NftSetError) as ei:  # a set that is missing is an error, and says which
+        writer.delete({"ws_gone_dyn4": ["192.0.2.1"]})
+    assert ei.value.errno == 2 and "deleting elements from set inet egressd ws_gone_dyn4" in str(ei.value)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_an_expiry_round_deletes_what_it_drops_before_the_kernel_would(scratch_ns, engine):
+    engine.clock = clock = Clock()
+    await engine.program(Target("1001", "pypi.org"), (("198.51.100.10", 60), ("2001:db8::10", 60)))
+    await engine.program(Target("1001", "docs.pypi.org"), (("198.51.100.11", 300),))
+    el = elements(scratch_ns, "ws_1001_dyn4")["198.51.100.10"]
+    assert el["timeout"] == 60 + MARGIN + GRACE
+    clock.t += 60 + MARGIN + 0.5  # the cache's expiry of the first answer; the kernel's is GRACE s on
+    tx = engine.counters["set_transactions"]
+    assert engine.expire() == 2
+    # Gone from the kernel at once, GRACE seconds before its timeout (real time: not even one).
+    assert set(elements(scratch_ns, "ws_1001_dyn4")) == {"198.51.100.11"}
+    assert elements(scratch_ns, "ws_1001_dyn6") == {}
+    assert engine.counters["expired_deleted"] == 2 and engine.counters["set_transactions"] == tx + 1
+    assert engine.expire() == 0 and engine.counters["set_transactions"] == tx + 1  # nothing due: no transaction
+
+
+async def test_an_ip_answered_again_is_not_deleted_by_a_round_on_the_replaced_cache(scratch_ns, engine):
+    """A round left between steps on a cache that a policy apply then replaced: an IP it drops,
+    which an answer put back in the live cache (and the kernel) meanwhile, stays in the kernel."""
+    engine.clock = clock = Clock()
+    ips = [f"198.51.100.{i}" for i in range(30, 40)]
+    for ip in ips:
+        await engine.program(Target("1001", "pypi.org"), ((ip, 60),))
+    clock.t += 62
+    steps = engine.expire_steps(chunk=1)
+    next(steps)  # one IP dropped and deleted; the round waits between steps
+    assert len(elements(scratch_ns, "ws_1001_dyn4")) == 9
+    # A policy edit that still allows pypi.org: a delta, with a new cache (the expired IPs are
+    # not carried, and the delta withdraws them from the kernel).
+    doc = world.policy("restricted-etl")
+    access = doc["egress"]["network_access"]
+    access["allowed_internet_destinations"] = [d for d in access["allowed_internet_destinations"]
+                                               if d["destination"] != "files.pythonhosted.org"]
+    state = _state()
+    engine.apply(State({**state.policies, "restricted-etl": parse_policy(doc)}, state.bindings, state.workloads), reason="edit")
+    assert engine.last_apply_scope == "delta" and elements(scratch_ns, "ws_1001_dyn4") == {}
+    again = ips[5:]
+    for ip in again:  # answered again: in the new cache and the kernel
+        await engine.program(Target("1001", "pypi.org"), ((ip, 60),))
+    assert set(elements(scratch_ns, "ws_1001_dyn4")) == set(again)
+    deleted = engine.counters["expired_deleted"]
+    for _ in steps:  # the old round goes on, and drops them all from the old cache
+        pass
+    assert set(elements(scratch_ns, "ws_1001_dyn4")) == set(again)
+    assert engine.counters["expired_deleted"] == deleted + 4  # ips[1:5]: in neither cache
+    assert engine.counters["expire_delete_errors"] == 0
+
+
+async def test_a_restart_adopts_each_ip_until_the_kernels_expiry_less_the_grace(scratch_ns, engine):
+    await engine.program(Target("1001", "pypi.org"), (("198.51.100.10", 60),))
+    cache_expiry = next(e.expires for e in engine.cache.entries("1001", engine.clock()))
+    sets = {o["set"]["name"]: o["set"].get("comment") for o in scratch_ns.nft.list_json("sets table inet egressd")
+            if "set" in o}
+    assert sets["ws_1001_dyn4"] == sets["ws_1001_dyn6"] == f"egressd grace={GRACE}s"
+    again = Engine(engine.cfg, scratch_ns.nft, nftset=engine.nftset)
+    assert again.adopt() == 1
+    (e,) = again.cache.entries("1001", again.clock())
+    assert abs(e.expires - cache_expiry) < 1.5, (e.expires, cache_expiry)
+    # A table of an egressd before the grace (no comment on the set): the kernel's expiry as it is.
+    scratch_ns.nft.run("add set inet egressd ws_1002_dyn4 { type ipv4_addr; flags timeout; }\n"
+                       "add element inet egressd ws_1002_dyn4 { 192.0.2.7 timeout 60s comment \"old.example\" }")
+    old = Engine(engine.cfg, scratch_ns.nft, nftset=engine.nftset)
+    assert old.adopt() == 2
+    (o,) = old.cache.entries("1002", old.clock())
+    assert 58 <= o.expires - old.clock() <= 60
+
+
+async def test_a_whole_round_of_many_ips_is_split_into_transactions_that_fit(scratch_ns, engine):
+    engine.clock = clock = Clock()
+    n = DELETE_BATCH + 5_000
+    ips = [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(n)]
+    for i in range(0, n, 5_000):  # answers of 50 IPs (max_ips_per_name is 64), a batch of 100 of them at a time
+        await asyncio.gather(*(engine.program(Target("1001", "pypi.org"), tuple((ip, 60) for ip in ips[j : j + 50]))
+                               for j in range(i, i + 5_000, 50)))
+    assert len(engine.nftset.dump("ws_1001_dyn4")) == n
+    clock.t += 62
+    tx = engine.counters["set_transactions"]
+    assert engine.expire() == n  # in one step: the deletes go in two transactions
+    assert engine.counters["set_transactions"] == tx + 2 and engine.counters["expired_deleted"] == n
+    assert engine.nftset.dump("ws_1001_dyn4") == []

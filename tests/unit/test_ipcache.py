@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egressd.core.ipcache import MARGIN, MAX_TTL, IpCache
+from egressd.core.ipcache import GRACE, MARGIN, MAX_TTL, IpCache
 
 
 def listed(c: IpCache, workspace: str) -> int:
@@ -12,8 +12,8 @@ def listed(c: IpCache, workspace: str) -> int:
 
 def test_first_answer_programs_with_max_of_ttl_and_min_ttl():
     c = IpCache()
-    assert c.record("ws", "a.example", [("192.0.2.1", 5)], min_ttl=30, now=100.0) == [("192.0.2.1", 30 + MARGIN)]
-    assert c.record("ws", "b.example", [("192.0.2.2", 300)], min_ttl=30, now=100.0) == [("192.0.2.2", 300 + MARGIN)]
+    assert c.record("ws", "a.example", [("192.0.2.1", 5)], min_ttl=30, now=100.0) == [("192.0.2.1", 30 + MARGIN + GRACE)]
+    assert c.record("ws", "b.example", [("192.0.2.2", 300)], min_ttl=30, now=100.0) == [("192.0.2.2", 300 + MARGIN + GRACE)]
 
 
 def test_refresh_only_when_the_answer_outlives_the_kernel_entry():
@@ -22,19 +22,19 @@ def test_refresh_only_when_the_answer_outlives_the_kernel_entry():
     # half a second later the kernel entry (61 s) still covers a 60 s answer
     assert c.record("ws", "a.example", [("192.0.2.1", 60)], min_ttl=30, now=0.5) == []
     # two seconds later it does not: refresh
-    assert c.record("ws", "a.example", [("192.0.2.1", 60)], min_ttl=30, now=2.0) == [("192.0.2.1", 60 + MARGIN)]
+    assert c.record("ws", "a.example", [("192.0.2.1", 60)], min_ttl=30, now=2.0) == [("192.0.2.1", 60 + MARGIN + GRACE)]
 
 
 def test_ttl_is_clamped():
     c = IpCache()
-    assert c.record("ws", "a", [("192.0.2.1", 10**9)], min_ttl=0, now=0.0) == [("192.0.2.1", MAX_TTL + MARGIN)]
-    assert c.record("ws", "b", [("192.0.2.2", 0)], min_ttl=0, now=0.0) == [("192.0.2.2", 1 + MARGIN)]
+    assert c.record("ws", "a", [("192.0.2.1", 10**9)], min_ttl=0, now=0.0) == [("192.0.2.1", MAX_TTL + MARGIN + GRACE)]
+    assert c.record("ws", "b", [("192.0.2.2", 0)], min_ttl=0, now=0.0) == [("192.0.2.2", 1 + MARGIN + GRACE)]
 
 
 def test_workspaces_are_separate():
     c = IpCache()
     c.record("ws1", "a", [("192.0.2.1", 60)], 30, 0.0)
-    assert c.record("ws2", "a", [("192.0.2.1", 60)], 30, 0.0) == [("192.0.2.1", 61)]
+    assert c.record("ws2", "a", [("192.0.2.1", 60)], 30, 0.0) == [("192.0.2.1", 61 + GRACE)]
     assert c.size("ws1") == c.size("ws2") == 1 and c.size() == 2
 
 
@@ -195,7 +195,7 @@ def test_forget_makes_the_next_answer_program_again():
     c = IpCache()
     c.record("ws", "a", [("192.0.2.1", 60)], 30, 0.0)
     c.forget("ws", ["192.0.2.1"])
-    assert c.record("ws", "a", [("192.0.2.1", 60)], 30, 0.1) == [("192.0.2.1", 61)]
+    assert c.record("ws", "a", [("192.0.2.1", 60)], 30, 0.1) == [("192.0.2.1", 61 + GRACE)]
 
 
 @given(

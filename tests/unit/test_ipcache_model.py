@@ -8,7 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egressd.core.ipcache import MARGIN, MAX_TTL, IpCache
+from egressd.core.ipcache import GRACE, MARGIN, MAX_TTL, IpCache
 
 
 class Model:
@@ -33,7 +33,7 @@ class Model:
             if expiry > covered:
                 timeout = math.ceil(life) + MARGIN
                 names[name] = max(names[name], now + timeout)
-                out.append((ip, timeout))
+                out.append((ip, timeout + GRACE))
         return out
 
     def entries(self, workspace, now):
@@ -60,9 +60,9 @@ class Model:
                 gone += 1
         return gone
 
-    def expire(self, now):
+    def expire(self, now, gone_to=None):
         dropped = 0
-        for ips in self.ws.values():
+        for ws, ips in self.ws.items():
             for ip in list(ips):
                 names = ips[ip]
                 for name in [n for n, e in names.items() if e <= now]:
@@ -70,6 +70,8 @@ class Model:
                 if not names:
                     del ips[ip]
                     dropped += 1
+                    if gone_to is not None:
+                        gone_to.append((ws, ip))
         return dropped
 
     def forget(self, workspace, ips):
@@ -116,8 +118,12 @@ def test_compact_cache_matches_the_model(ops):
         elif kind == "expire":
             now += op[1] / 4
             chunk = int(now) % 4  # 0: expire() in one step; else expire_steps() a few IPs at a time
-            got = c.expire(now) if chunk == 0 else list(c.expire_steps(now, chunk))[-1]
-            assert got == m.expire(now)
+            gone: list[tuple[str, str]] = []
+            want: list[tuple[str, str]] = []
+            got = c.expire(now) if chunk == 0 else list(c.expire_steps(now, chunk, gone))[-1]
+            assert got == m.expire(now, want)
+            if chunk:  # every IP dropped is handed over for the kernel's delete, once
+                assert sorted(gone) == sorted(want)
         else:
             _, ws, ips = op
             c.forget(ws, ips)

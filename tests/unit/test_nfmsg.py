@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egressd.core import nfmsg
-from egressd.core.nfmsg import Element, add_batch, comment_text, parse_acks
+from egressd.core.nfmsg import Element, add_batch, comment_text, delete_batch, parse_acks
 
 HDR = struct.Struct("=IHHII")
 
@@ -74,6 +74,25 @@ def test_ipv6_key_and_chunks_and_duplicates() -> None:
     keys = {attrs(attrs(e[1])[0][1])[0][1]: attrs(e[1])[1][1] for e in first}
     assert len(next(iter(keys))) == 16
     assert keys[bytes.fromhex("20010db8000000000000000000000005")] == struct.pack(">Q", 90_000)
+
+
+def test_delete_batch_adds_bare_keys_then_deletes_them_once_each() -> None:
+    ips = [f"10.0.{i // 256}.{i % 256}" for i in range(300)]
+    b = delete_batch("egressd", {"ws_1_dyn4": ips + ips[:5], "ws_1_dyn6": ["2001:db8::1"], "ws_2_dyn4": []}, 50)
+    msgs = messages(b.data)
+    # Two chunks of the v4 set (256 + 44), one of the v6 set: add, delete each; none for an empty set.
+    assert [m[0] for m in msgs] == [0x10, 0xA0C, 0xA0E, 0xA0C, 0xA0E, 0xA0C, 0xA0E, 0x11]
+    assert [m[2] for m in msgs] == list(range(50, 58)) and b.next_seq == 58
+    assert b.acks == {**{s: "ws_1_dyn4" for s in range(51, 55)}, 55: "ws_1_dyn6", 56: "ws_1_dyn6"}
+    assert msgs[1][1] == nfmsg.NLM_F_REQUEST | nfmsg.NLM_F_ACK | nfmsg.NLM_F_CREATE  # no EXCL: a no-op if live
+    seen = []
+    for (_t, _f, _s, payload), (_t2, _f2, _s2, payload2) in zip(msgs[1:7:2], msgs[2:7:2], strict=True):
+        assert payload == payload2  # the add and the delete name the same bare keys
+        top = attrs(payload[4:])
+        for elem in attrs(top[2][1]):
+            (key,) = attrs(elem[1])  # the key only: no timeout, no comment
+            seen.append(key[1][4:])
+    assert len(seen) == 301 and len(set(seen)) == 301
 
 
 def test_empty_batch_has_no_acks() -> None:

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from egressd.core.ipcache import Entry
+from egressd.core.ipcache import GRACE, Entry
 from egressd.core.plan import build_plan
 from egressd.core.policy import default_policy, parse_policy
 from egressd.core.ruleset import (
@@ -15,7 +15,9 @@ from egressd.core.ruleset import (
     render_table,
     replace_table,
     same_skeleton,
+    set_grace,
     table_delta,
+    withdraw_elements,
 )
 from egressd.core.workloads import Workload
 from egressd.errors import ValidationError
@@ -75,9 +77,23 @@ def test_live_entries_are_carried_with_remaining_time(policies):
     plan = build_plan(policies, {"1": "restricted-etl"}, [wl("a", "1", "APPS", "10.77.1.2/32")])
     dyn = {"1": [Entry("198.51.100.10", 130.0, "pypi.org"), Entry("2001:db8:ff::10", 100.5, "pypi.org"), Entry("192.0.2.9", 99.0, "old")]}
     text = render_table(plan, dyn, 100.0, RenderOptions(1, 10053, "reject"))
-    assert '198.51.100.10 timeout 31s expires 30000ms comment "pypi.org"' in text
-    assert "2001:db8:ff::10 timeout 1s expires 500ms" in text
-    assert "192.0.2.9" not in text  # already expired
+    # The kernel holds each GRACE seconds past the cache's expiry (the daemon deletes it then).
+    assert GRACE == 5
+    assert '198.51.100.10 timeout 36s expires 35000ms comment "pypi.org"' in text
+    assert "2001:db8:ff::10 timeout 6s expires 5500ms" in text
+    assert "192.0.2.9" not in text  # already expired in the cache
+    # Each answer set states the grace, for a restart to read back.
+    assert text.count('comment "egressd grace=5s"') == 2
+    assert set_grace("egressd grace=5s") == 5 and set_grace("egressd generation=3") == 0
+    assert set_grace("egressd grace=xs") == 0 and set_grace("") == 0
+
+
+def test_withdraw_elements_adds_then_deletes_each_ip_once():
+    text = withdraw_elements({"ws_1_dyn4": ["192.0.2.1", "192.0.2.2", "192.0.2.1"], "ws_1_dyn6": []})
+    assert text.splitlines() == [
+        "add element inet egressd ws_1_dyn4 { 192.0.2.1, 192.0.2.2 }",
+        "delete element inet egressd ws_1_dyn4 { 192.0.2.1, 192.0.2.2 }",
+    ]
 
 
 def test_replace_is_one_transaction_that_works_with_or_without_a_table():

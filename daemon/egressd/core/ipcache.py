@@ -19,6 +19,13 @@ EXPIRE_STEP = 512
 #: Kernel timeouts are rounded up to whole seconds plus this margin, so that an entry never
 #: expires before the answer's TTL even though refreshes are skipped while it is still covered.
 MARGIN = 1
+#: The kernel holds an answer's element this many seconds longer than the cache holds its IP. The
+#: engine deletes an IP from the kernel when an expiry round drops it, while the element is still
+#: live, so that the delete's commit frees it: the kernel's own collector gives a walk up on every
+#: commit in the namespace (Linux 6.5 and later), and under a steady stream of answers it never
+#: freed expired elements (bench/bench_setgc.py). The kernel's timeout is the fallback, for a
+#: round that runs late or a delete that fails.
+GRACE = 5
 
 
 class Entry(NamedTuple):
@@ -124,8 +131,9 @@ class IpCache:
     def record(
         self, workspace: str, name: str, addrs: Iterable[tuple[str, int]], min_ttl: int, now: float
     ) -> list[tuple[str, int]]:
-        """Record an answer. Returns (ip, timeout seconds) for each IP whose kernel entry must be
-        (re)programmed because this answer outlives what the kernel holds."""
+        """Record an answer. Returns (ip, kernel timeout seconds) for each IP whose kernel entry
+        must be (re)programmed because this answer outlives what the cache holds. The cache holds
+        the IP for the whole seconds of the TTL plus MARGIN, the kernel GRACE seconds more."""
         ips, due = self._table(workspace)
         out: list[tuple[str, int]] = []
         for ip, ttl in addrs:
@@ -141,7 +149,7 @@ class IpCache:
             if expiry > covered:
                 timeout = math.ceil(life) + MARGIN
                 expiry = max(expiry, now + timeout)
-                out.append((ip, timeout))
+                out.append((ip, timeout + GRACE))
             if cur is None or not _has(cur, name):
                 due.add(ip, expiry)  # a name new to this IP; a known one only expires later
             ips[ip] = _with(cur, name, expiry)
@@ -189,9 +197,12 @@ class IpCache:
             pass
         return dropped
 
-    def expire_steps(self, now: float, chunk: int = EXPIRE_STEP) -> Iterator[int]:
+    def expire_steps(self, now: float, chunk: int = EXPIRE_STEP,
+                     gone_to: list[tuple[str, str]] | None = None) -> Iterator[int]:
         """expire() in steps of at most ``chunk`` IPs (0: all at once), yielding how many IPs
-        were dropped so far after each step, so that an event loop can serve between them. Only
+        were dropped so far after each step, so that an event loop can serve between them.
+        ``gone_to``: each IP dropped is appended to it as (workspace, ip) before the step that
+        dropped it yields, for the caller to delete from the kernel (and clear in place). Only
         the IPs listed as due by ``now`` are read (see _Due); 100,000 IPs expiring at once took
         50-80 ms in all on the bench VM. What changes between steps is
         judged as it is then: an IP refreshed or forgotten meanwhile is kept or skipped; a
@@ -203,7 +214,7 @@ class IpCache:
         last = int(now)  # the second ``now`` is in: read, but its IPs not yet expired stay listed
         # Each table with its listing, as they are now: a workspace dropped or replaced between
         # steps is finished as it was.
-        for ips, due in [(ips, self._due[ws]) for ws, ips in self._ws.items()]:
+        for ws, ips, due in [(ws, ips, self._due[ws]) for ws, ips in self._ws.items()]:
             seconds, heap = due.seconds, due.heap
             later: list[tuple[int, list[str]]] = []  # (second, its IPs due later in it)
             second, done = 0, 0  # the second being read, and how many of its IPs were read
@@ -226,6 +237,8 @@ class IpCache:
                         if w is None:
                             del ips[ip]
                             dropped += 1
+                            if gone_to is not None:
+                                gone_to.append((ws, ip))
                         else:
                             if w is not v:
                                 ips[ip] = w

@@ -1,4 +1,4 @@
-"""nfnetlink messages that add timeout-set elements, built by hand (struct.pack). Pure: bytes out.
+"""nfnetlink messages that add (and delete) timeout-set elements, built by hand (struct.pack). Pure: bytes out.
 
 One batch (NFNL_MSG_BATCH_BEGIN … END) is one nftables transaction: it all applies or nothing
 does. For each set it holds, per chunk of elements, the same three steps as the text commands of
@@ -184,6 +184,29 @@ def add_batch(table: str, sets: Mapping[str, Iterable[Element]], seq: int) -> Ba
             for k in range(3):
                 acks[seq + k] = set_name
             seq += 3
+    out.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, _RES_NFTABLES, b""))
+    return Batch(b"".join(out), begin_seq, acks, seq + 1)
+
+
+def delete_batch(table: str, sets: Mapping[str, Iterable[str]], seq: int) -> Batch:
+    """A batch that takes IPs out of named sets of an inet table, whether or not the kernel still
+    holds them: per chunk, an add of the bare keys (a no-op for a live element; a new element
+    beside one that timed out and is not yet collected), then their delete, which therefore
+    never fails with ENOENT. A live element deleted is freed by the commit (the explicit deletes
+    of IpCache.GRACE); one that had timed out stays for the kernel's collector."""
+    begin_seq = seq
+    out = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, _RES_NFTABLES, b"")]
+    acks: dict[int, str] = {}
+    seq += 1
+    for set_name, ips in sets.items():
+        items = list(dict.fromkeys(ips))  # a delete of the same element twice would fail the batch
+        prefix = _prefix(table, set_name)
+        for i in range(0, len(items), CHUNK):
+            keys = b"".join([element_attr(Element(ip, 0, ""), key_only=True) for ip in items[i : i + CHUNK]])
+            out.append(_setelem(NFT_MSG_NEWSETELEM, prefix, keys, seq))
+            out.append(_setelem(NFT_MSG_DELSETELEM, prefix, keys, seq + 1))
+            acks[seq] = acks[seq + 1] = set_name
+            seq += 2
     out.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, _RES_NFTABLES, b""))
     return Batch(b"".join(out), begin_seq, acks, seq + 1)
 

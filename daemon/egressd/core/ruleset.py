@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from string import Template
 
-from .ipcache import Entry
+from .ipcache import GRACE, Entry
 from .nfmsg import comment_text
 from .plan import ACCEPT, Plan, WorkspacePlan
 from .verdict import CompiledPolicy
@@ -24,6 +24,19 @@ from .workloads import Workload
 TABLE = "inet egressd"
 #: The comment of the table's ``generation`` set: the generation the kernel holds (read back on restart).
 GENERATION_PREFIX = "egressd generation="
+#: The comment of each answer set: how many seconds its elements outlive the cache's entries
+#: (ipcache.GRACE), read back on restart; a set without it is of a version that had none.
+GRACE_PREFIX = "egressd grace="
+
+
+def set_grace(comment: str) -> int:
+    """The GRACE seconds an answer set's comment states (0 when it states none)."""
+    if comment.startswith(GRACE_PREFIX):
+        try:
+            return max(int(comment[len(GRACE_PREFIX):].rstrip("s")), 0)
+        except ValueError:
+            return 0
+    return 0
 _TEMPLATES = resources.files("egressd.nft")
 _TABLE_T = Template(_TEMPLATES.joinpath("table.nft").read_text())
 _WS_T = Template(_TEMPLATES.joinpath("workspace.nft").read_text())
@@ -66,11 +79,10 @@ def _dyn(entries: Iterable[Entry], now: float, v6: bool) -> list[str]:
     for e in entries:
         if (":" in e.ip) != v6:
             continue
-        remaining = e.expires - now
-        if remaining <= 0.001:
-            continue
-        timeout = max(int(remaining) + 1, 1)
-        out.append(dyn_element(e.ip, timeout, e.name, remaining))
+        if e.expires - now <= 0.001:
+            continue  # expired in the cache: the next round would delete it
+        remaining = e.expires - now + GRACE  # the kernel holds it GRACE seconds longer (ipcache)
+        out.append(dyn_element(e.ip, int(remaining) + 1, e.name, remaining))
     return out
 
 
@@ -159,6 +171,7 @@ def _render_workspace(ws: WorkspacePlan, dyn: list[Entry], now: float, opts: Ren
         policy_id=ws.policy.network_policy_id,
         restriction=ws.policy.restriction_mode.value,
         key=ws.key,
+        grace=f"{GRACE_PREFIX}{GRACE}s",
         dyn4=_elements(_dyn(dyn, now, v6=False)),
         dyn6=_elements(_dyn(dyn, now, v6=True)),
         **{suffix: _elements(render(ranges, version))
@@ -316,10 +329,7 @@ def table_delta(
             touched += 2 * len(ips)
             if max_changes is not None and touched > max_changes:
                 return None
-            # add, then delete: the delete cannot fail on an entry the kernel has just timed out
-            # (an existing element makes the add a no-op)
-            lines.append(f"add element {TABLE} {ws.key}_dyn{fam} {{ {', '.join(ips)} }}")
-            lines.append(f"delete element {TABLE} {ws.key}_dyn{fam} {{ {', '.join(ips)} }}")
+            lines.append(withdraw_elements({f"{ws.key}_dyn{fam}": ips}))
     # A workload that is the same object in both plans, in a workspace whose policy is the same,
     # has the same sources and the same verdict: only the others are rendered, so that a PUT
     # among 10,000 workloads formats a few elements, not 20,000 (the admin keeps the parsed
@@ -351,6 +361,19 @@ def _by_family(ips: Iterable[str]) -> list[tuple[str, list[str]]]:
     for ip in ips:
         (v6 if ":" in ip else v4).append(ip)
     return [(fam, sorted(found)) for fam, found in (("4", v4), ("6", v6)) if found]
+
+
+def withdraw_elements(sets: Mapping[str, Iterable[str]]) -> str:
+    """Commands that take IPs out of timeout sets (set name -> IPs), whether the kernel still holds
+    them or not: add, then delete, so the delete cannot fail on an entry the kernel has just timed
+    out (an existing element makes the add a no-op)."""
+    lines = []
+    for name, ips in sets.items():
+        items = ", ".join(dict.fromkeys(ips))
+        if items:
+            lines.append(f"add element {TABLE} {name} {{ {items} }}")
+            lines.append(f"delete element {TABLE} {name} {{ {items} }}")
+    return "\n".join(lines)
 
 
 def replace_table(table_text: str) -> str:

@@ -14,7 +14,7 @@ import asyncio
 import ipaddress
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -432,17 +432,25 @@ class Engine:
         cache, plan = self.cache, self.plan
         sets: dict[str, list[str]] = {}
         n = 0
+        at: str | None = None  # the workspace of the IPs before (a round hands them over in runs)
+        held: Collection[str] = ()
+        v4 = v6 = None
         for ws, ip in gone:
-            if ip in cache.ips(ws):
+            if ws != at:
+                at, held = ws, cache.ips(ws)
+                wp = plan.workspaces.get(ws) if plan is not None else None
+                if wp is None or not wp.restricted:
+                    v4 = v6 = None  # no sets of its own any more: the table replaced them
+                else:
+                    v4 = sets.setdefault(f"{wp.key}_dyn4", [])
+                    v6 = sets.setdefault(f"{wp.key}_dyn6", [])
+            if v4 is None or ip in held:
                 continue
-            wp = plan.workspaces.get(ws) if plan is not None else None
-            if wp is None or not wp.restricted:
-                continue  # no sets of its own any more: the table replaced them
-            sets.setdefault(f"{wp.key}_dyn6" if ":" in ip else f"{wp.key}_dyn4", []).append(ip)
+            (v6 if ":" in ip else v4).append(ip)  # type: ignore[union-attr]
             n += 1
             if n == DELETE_BATCH:
                 self._delete_now(sets, n)
-                sets, n = {}, 0
+                sets, n, at = {}, 0, None
         if n:
             self._delete_now(sets, n)
 

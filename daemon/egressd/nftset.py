@@ -71,6 +71,8 @@ class NftSetWriter:
         self._sock = _open(timeout)
         self._seq = int.from_bytes(os.urandom(2), "little") << 8
         self._dirty = False  # replies of a timed-out batch may still arrive
+        #: Whether the kernel takes DESTROYSETELEM (None: not known until the first delete).
+        self.destroy: bool | None = None
 
     def close(self) -> None:
         self._sock.close()
@@ -84,7 +86,19 @@ class NftSetWriter:
     def delete(self, sets: Mapping[str, Iterable[str]]) -> int:
         """Take IPs out of sets of table inet egressd as one transaction, whether the kernel still
         holds them or not (see delete_batch). Returns the number of messages sent; raises
-        NftSetError (a set that is missing: ENOENT), after which nothing of the batch applied."""
+        NftSetError (a set that is missing: ENOENT), after which nothing of the batch applied.
+        The first delete tries DESTROYSETELEM; a kernel that does not know it (before 6.3:
+        EINVAL, or EOPNOTSUPP) gets the add-then-delete form from then on."""
+        if self.destroy is not False:
+            try:
+                n = self._send(delete_batch(TABLE, sets, self._seq, destroy=True), "deleting elements from")
+            except NftSetError as e:
+                if self.destroy is not None or e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self.destroy = False
+            else:
+                self.destroy = True
+                return n
         return self._send(delete_batch(TABLE, sets, self._seq), "deleting elements from")
 
     def _send(self, batch: Batch, doing: str) -> int:

@@ -95,6 +95,35 @@ def test_delete_batch_adds_bare_keys_then_deletes_them_once_each() -> None:
     assert len(seen) == 301 and len(set(seen)) == 301
 
 
+def test_delete_batch_with_destroy_is_one_message_a_chunk() -> None:
+    ips = [f"10.0.{i // 256}.{i % 256}" for i in range(300)]
+    b = delete_batch("egressd", {"ws_1_dyn4": ips, "ws_1_dyn6": ["2001:db8::1"]}, 9, destroy=True)
+    msgs = messages(b.data)
+    assert [m[0] for m in msgs] == [0x10, 0xA1E, 0xA1E, 0xA1E, 0x11]  # NFT_MSG_DESTROYSETELEM = 30
+    assert b.acks == {10: "ws_1_dyn4", 11: "ws_1_dyn4", 12: "ws_1_dyn6"} and b.next_seq == 14
+    assert msgs[1][1] == nfmsg.NLM_F_REQUEST | nfmsg.NLM_F_ACK
+    plain = messages(delete_batch("egressd", {"ws_1_dyn4": ips, "ws_1_dyn6": ["2001:db8::1"]}, 9).data)
+    assert [m[3] for m in msgs[1:4]] == [m[3] for m in plain[2:7:2]]  # the same keys as the deletes
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_bare_key_is_the_key_only_element(ip) -> None:
+    assert nfmsg.bare_key(str(ip)) == nfmsg.element_attr(Element(str(ip), 0, ""), key_only=True)
+
+
+@given(st.text(max_size=45))
+def test_bare_key_refuses_what_is_not_an_address(text: str) -> None:
+    try:
+        want = nfmsg.element_attr(Element(text, 0, ""), key_only=True)
+    except ValueError:
+        want = None
+    try:
+        got = nfmsg.bare_key(text)
+    except ValueError:
+        got = None
+    assert got == want
+
+
 def test_empty_batch_has_no_acks() -> None:
     b = add_batch("egressd", {}, 7)
     assert b.acks == {} and [m[0] for m in messages(b.data)] == [0x10, 0x11]

@@ -35,20 +35,10 @@ from egressd.core.policy import default_policy, parse_policy  # noqa: E402
 from egressd.core.workloads import Workload  # noqa: E402
 from egressd.engine import Engine, State, Target  # noqa: E402
 from egressd.lab import world  # noqa: E402
+from egressd.lab.kmem import element_kb  # noqa: E402
 from egressd.libnft import Nft  # noqa: E402
 from egressd.netns import entered  # noqa: E402
 from egressd.nftset import NftSetWriter  # noqa: E402
-
-
-def element_kb() -> int:
-    """kB of objects in use in the kmalloc-cg-* caches (GFP_KERNEL_ACCOUNT: set elements)."""
-    total = 0
-    with open("/proc/slabinfo") as f:
-        for line in f:
-            if line.startswith("kmalloc-cg-"):
-                fields = line.split()
-                total += int(fields[1]) * int(fields[3])
-    return total // 1024
 
 
 def _state() -> State:

@@ -20,6 +20,7 @@ from egressd.core.policy import default_policy, parse_policy
 from egressd.core.workloads import Workload
 from egressd.engine import DELETE_BATCH, Engine, StaleGeneration, State, Target
 from egressd.lab import world
+from egressd.lab.kmem import element_kb
 from egressd.netns import entered
 from egressd.nftset import NftSetError, NftSetWriter
 
@@ -180,6 +181,16 @@ def _state(policy: str = "restricted-etl") -> State:
     return State(policies, {"1001": policy}, (wl,))
 
 
+def _state_without(destination: str) -> State:
+    """_state() with restricted-etl no longer allowing ``destination`` (a policy edit)."""
+    doc = world.policy("restricted-etl")
+    access = doc["egress"]["network_access"]
+    access["allowed_internet_destinations"] = [d for d in access["allowed_internet_destinations"]
+                                               if d["destination"] != destination]
+    state = _state()
+    return State({**state.policies, "restricted-etl": parse_policy(doc)}, state.bindings, state.workloads)
+
+
 @pytest.fixture
 def engine(scratch_ns):
     cfg = config_from_dict({"dns": {"upstreams": ["203.0.113.2"]}})
@@ -254,12 +265,7 @@ async def test_a_delta_racing_a_pending_batch_lets_it_go_in(scratch_ns, engine):
 async def test_a_delta_withdrawing_a_pending_answer_fails_it(scratch_ns, engine):
     task = asyncio.ensure_future(engine.program(Target("1001", "files.pythonhosted.org"), (("198.51.100.21", 60),)))
     await asyncio.sleep(0)
-    doc = world.policy("restricted-etl")
-    access = doc["egress"]["network_access"]
-    access["allowed_internet_destinations"] = [d for d in access["allowed_internet_destinations"]
-                                               if d["destination"] != "files.pythonhosted.org"]
-    state = _state()
-    engine.apply(State({**state.policies, "restricted-etl": parse_policy(doc)}, state.bindings, state.workloads), reason="edit")
+    engine.apply(_state_without("files.pythonhosted.org"), reason="edit")
     assert engine.last_apply_scope == "delta"
     with pytest.raises(StaleGeneration):
         await task
@@ -307,19 +313,6 @@ def test_an_expired_element_not_yet_collected_neither_matches_nor_blocks_a_new_a
 
 # --- deletes of expired answers ------------------------------------------------------------------
 
-def _slab_kb() -> int:
-    """kB in the objects in use of the kernel's memory-accounted kmalloc caches, where set elements
-    live (GFP_KERNEL_ACCOUNT). Objects, not slabs: a slab half freed by an earlier test and
-    filled again does not hide them, as it does in /proc/meminfo's Slab."""
-    total = 0
-    with open("/proc/slabinfo") as f:
-        for line in f:
-            if line.startswith("kmalloc-cg-"):
-                fields = line.split()
-                total += int(fields[1]) * int(fields[3])
-    return total // 1024
-
-
 def test_delete_frees_live_elements_and_takes_expired_or_missing_ones_in_its_stride(scratch_ns, writer):
     """The writer's delete (destroy, or add the bare keys then delete them) frees live elements at once, with
     the collector an hour away, and does not fail on an element that has timed out, or one the
@@ -332,12 +325,12 @@ def test_delete_frees_live_elements_and_takes_expired_or_missing_ones_in_its_str
     time.sleep(1.3)  # timed out, not collected
     # 100,000 live ones, with comments of 40 characters: 10 MB or more of the kernel's slab.
     live = [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(100_000)]
-    before = _slab_kb()
+    before = element_kb()
     for i in range(0, len(live), 10_000):  # a transaction's messages must fit the socket's buffer
         writer.add({"ws_a_dyn4": [Element(ip, 300, "live-element-with-a-long-name.example.org")
                                   for ip in live[i : i + 10_000]]})
     writer.add({"ws_a_dyn6": [Element("2001:db8::1", 300, "v6.example")]})
-    grown = _slab_kb() - before
+    grown = element_kb() - before
     print(f"slab grew {grown} kB for 100,000 elements")
     assert grown > 5_000, f"the kernel's slab grew {grown} kB for 100,000 elements"
     for i in range(0, len(live), 50_000):
@@ -347,9 +340,9 @@ def test_delete_frees_live_elements_and_takes_expired_or_missing_ones_in_its_str
         2 if writer.destroy else 4)
     assert writer.dump("ws_a_dyn4") == [] and writer.dump("ws_a_dyn6") == []
     deadline = time.monotonic() + 10
-    while _slab_kb() - before > grown / 4 and time.monotonic() < deadline:
+    while element_kb() - before > grown / 4 and time.monotonic() < deadline:
         time.sleep(0.2)  # the commit frees them after an RCU grace period
-    left = _slab_kb() - before
+    left = element_kb() - before
     print(f"{left} kB of it left after the delete")
     assert left <= grown / 4, f"slab still {left} kB over the start after the delete (it grew {grown} kB)"
     # The same delete again, of elements that are all gone: still no error.
@@ -413,12 +406,7 @@ async def test_an_ip_answered_again_is_not_deleted_by_a_round_on_the_replaced_ca
     assert len(elements(scratch_ns, "ws_1001_dyn4")) == 9
     # A policy edit that still allows pypi.org: a delta, with a new cache (the expired IPs are
     # not carried, and the delta withdraws them from the kernel).
-    doc = world.policy("restricted-etl")
-    access = doc["egress"]["network_access"]
-    access["allowed_internet_destinations"] = [d for d in access["allowed_internet_destinations"]
-                                               if d["destination"] != "files.pythonhosted.org"]
-    state = _state()
-    engine.apply(State({**state.policies, "restricted-etl": parse_policy(doc)}, state.bindings, state.workloads), reason="edit")
+    engine.apply(_state_without("files.pythonhosted.org"), reason="edit")
     assert engine.last_apply_scope == "delta" and elements(scratch_ns, "ws_1001_dyn4") == {}
     again = ips[5:]
     for ip in again:  # answered again: in the new cache and the kernel

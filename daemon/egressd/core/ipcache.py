@@ -23,8 +23,9 @@ MARGIN = 1
 #: engine deletes an IP from the kernel when an expiry round drops it, while the element is still
 #: live, so that the delete's commit frees it: the kernel's own collector gives a walk up on every
 #: commit in the namespace (Linux 6.5 and later), and under a steady stream of answers it never
-#: freed expired elements (bench/bench_setgc.py). The kernel's timeout is the fallback, for a
-#: round that runs late or a delete that fails.
+#: freed expired elements (bench/bench_setgc.py, bench/bench_expiry.py). The kernel's timeout is
+#: the fallback, for a round more than GRACE - 1 s late (rounds run every second) or a delete
+#: that fails.
 GRACE = 5
 
 

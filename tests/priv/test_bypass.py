@@ -36,6 +36,7 @@ import pytest
 
 from egressd.lab import Lab, world
 from egressd.lab import dnsmasq as lab_dnsmasq
+from egressd.lab.apiclient import call
 from egressd.lab.collectorproc import CollectorProc
 from egressd.lab.daemonproc import DaemonProc
 
@@ -665,6 +666,12 @@ def test_established_flow_outlives_its_expired_entry_and_new_flows_are_denied():
         daemon.start()
         try:
             _expiry_scenario(lab, collector)
+            # The daemon's own delete took it out: counted, and none refused.
+            status, text = call(str(config.parent / "api.sock"), "GET", "/metrics")
+            assert status == 200, text
+            m = dict(line.rpartition(" ")[::2] for line in str(text).splitlines() if line and not line.startswith("#"))
+            assert float(m["egressd_expired_deleted_total"]) >= 1, m.get("egressd_expired_deleted_total")
+            assert float(m["egressd_expired_delete_errors_total"]) == 0
         finally:
             daemon.stop()
             collector.stop()

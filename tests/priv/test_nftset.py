@@ -7,8 +7,10 @@ import asyncio
 import ipaddress
 import json
 import os
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -452,3 +454,27 @@ async def test_a_whole_round_of_many_ips_is_split_into_transactions_that_fit(scr
     assert engine.expire() == n  # in one step: the deletes go in two transactions
     assert engine.counters["set_transactions"] == tx + 2 and engine.counters["expired_deleted"] == n
     assert engine.nftset.dump("ws_1001_dyn4") == []
+
+
+def test_the_writer_takes_batches_beyond_the_sysctl_buffer_maxima(scratch_ns):
+    """At Debian's default net.core.wmem_max and rmem_max (212,992) a plain SO_SNDBUF is capped
+    at 425,984 bytes, and a batch of 10,000 IPs (about 1.4 MB) failed with EMSGSIZE. The writer
+    forces its buffers past the maxima (CAP_NET_ADMIN)."""
+    knobs = [Path("/proc/sys/net/core/wmem_max"), Path("/proc/sys/net/core/rmem_max")]
+    saved = [k.read_text() for k in knobs]
+    try:
+        for k in knobs:
+            k.write_text("212992\n")
+        with entered(scratch_ns.name):
+            w = NftSetWriter()
+    finally:
+        for k, v in zip(knobs, saved, strict=True):
+            k.write_text(v)
+    try:
+        assert w._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 8 * 1024 * 1024
+        scratch_ns.nft.run(SETS)
+        ips = [f"10.1.{i >> 8}.{i & 255}" for i in range(10_000)]
+        w.add({"ws_a_dyn4": [Element(ip, 60, "files.pythonhosted.org") for ip in ips]})
+        assert len(w.dump("ws_a_dyn4")) == 10_000
+    finally:
+        w.close()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -46,6 +47,9 @@ from egressd.lab import Lab, parse_dig, world
 from egressd.lab.apiclient import call
 from egressd.lab.collectorproc import CollectorProc
 from egressd.lab.daemonproc import DaemonProc
+from egressd.lab.kmem import stock_socket_maxima
+from egressd.netns import entered
+from egressd.shim import _bind as shim_bind
 
 pytestmark = pytest.mark.slow
 
@@ -499,3 +503,16 @@ def test_nflog_storm_is_bounded_by_the_kernel_log_limit(fenv, request):
     # The daemon stayed responsive and nearly idle.
     assert len(sampler.api) > 10 and max(sampler.api) < 0.2
     assert cpu < 0.25 * (storm_s + 1.3)
+
+
+def test_the_shim_listener_buffer_passes_over_a_stock_rmem_max(scratch_ns):
+    """The shim's UDP listener asks for 4 MiB of queued queries (8 MiB as the kernel counts it).
+    A plain SO_RCVBUF is capped by net.core.rmem_max: at its default (212,992), 425,984 bytes.
+    This VM raises the maxima, so the flood tests above never saw the cap; the shim forces the
+    size (CAP_NET_ADMIN) instead."""
+    with stock_socket_maxima(), entered(scratch_ns.name):
+        sock = shim_bind("127.0.0.1", 0, socket.SOCK_DGRAM)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 8 * 1024 * 1024
+    finally:
+        sock.close()

@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,7 @@ from egressd.core.policy import default_policy, parse_policy
 from egressd.core.workloads import Workload
 from egressd.engine import DELETE_BATCH, Engine, StaleGeneration, State, Target
 from egressd.lab import world
-from egressd.lab.kmem import element_kb
+from egressd.lab.kmem import element_kb, stock_socket_maxima
 from egressd.netns import entered
 from egressd.nftset import NftSetError, NftSetWriter
 
@@ -460,16 +459,8 @@ def test_the_writer_takes_batches_beyond_the_sysctl_buffer_maxima(scratch_ns):
     """At Debian's default net.core.wmem_max and rmem_max (212,992) a plain SO_SNDBUF is capped
     at 425,984 bytes, and a batch of 10,000 IPs (about 1.4 MB) failed with EMSGSIZE. The writer
     forces its buffers past the maxima (CAP_NET_ADMIN)."""
-    knobs = [Path("/proc/sys/net/core/wmem_max"), Path("/proc/sys/net/core/rmem_max")]
-    saved = [k.read_text() for k in knobs]
-    try:
-        for k in knobs:
-            k.write_text("212992\n")
-        with entered(scratch_ns.name):
-            w = NftSetWriter()
-    finally:
-        for k, v in zip(knobs, saved, strict=True):
-            k.write_text(v)
+    with stock_socket_maxima(), entered(scratch_ns.name):
+        w = NftSetWriter()
     try:
         assert w._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 8 * 1024 * 1024
         scratch_ns.nft.run(SETS)

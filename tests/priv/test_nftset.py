@@ -469,3 +469,32 @@ def test_the_writer_takes_batches_beyond_the_sysctl_buffer_maxima(scratch_ns):
         assert len(w.dump("ws_a_dyn4")) == 10_000
     finally:
         w.close()
+
+
+def test_an_upgrade_from_a_table_without_the_grace_gets_it_on_the_first_apply(scratch_ns, writer):
+    """A table of an egressd from before the deletes: answer sets without the grace comment, whose
+    elements' timeouts end at the cache's expiry. The new engine adopts them as they are, its first
+    apply replaces the table with the grace added, and its round deletes them while still live."""
+    cfg = config_from_dict({"dns": {"upstreams": ["203.0.113.2"]}})
+    first = Engine(cfg, scratch_ns.nft)
+    first.apply(_state(), reason="the old egressd")
+    # What an older table held: the same sets, no comment on them.
+    for fam, typ in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
+        scratch_ns.nft.run(f"flush chain inet egressd ws_1001_enf\nflush chain inet egressd ws_1001_dry\n"
+                           f"delete set inet egressd ws_1001_dyn{fam}\n"
+                           f"add set inet egressd ws_1001_dyn{fam} {{ type {typ}; flags timeout; gc-interval 10s; }}")
+    scratch_ns.nft.run('add element inet egressd ws_1001_dyn4 { 198.51.100.10 timeout 61s comment "pypi.org" }')
+    new = Engine(cfg, scratch_ns.nft, nftset=writer, clock=(clock := Clock()))
+    assert new.adopt() == 1
+    (e,) = new.cache.entries("1001", clock())
+    assert 59 <= e.expires - clock() <= 61  # the kernel's expiry as it was
+    new.apply(_state(), reason="the new egressd starts")
+    assert new.last_apply_scope == "table"
+    el = elements(scratch_ns, "ws_1001_dyn4")["198.51.100.10"]
+    assert 65 <= el["timeout"] <= 67 and el["comment"] == "pypi.org"  # the grace added (rounded up)
+    sets = {o["set"]["name"]: o["set"].get("comment") for o in scratch_ns.nft.list_json("sets table inet egressd")
+            if "set" in o}
+    assert sets["ws_1001_dyn4"] == f"egressd grace={GRACE}s"
+    clock.t += 62
+    assert new.expire() == 1 and new.counters["expired_deleted"] == 1
+    assert elements(scratch_ns, "ws_1001_dyn4") == {}  # deleted live, GRACE s before its timeout

@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 
 import pytest
+from structlog.testing import capture_logs
 
 from egressd.core.config import config_from_dict
 from egressd.core.connections import parse_connections
@@ -265,3 +266,38 @@ def test_the_gate_runs_before_the_kernel_and_a_failing_gate_changes_nothing(engi
     assert nft.scripts == before and e.generation == gen + 1
     e.apply(_state(policies, n=5), reason="no gate")  # a later apply is not held by the old gate
     assert e.generation == gen + 2
+
+
+def test_expiry_deletes_without_the_raw_writer_go_through_libnftables_and_failures_fall_back() -> None:
+    t = [1000.0]
+    nft = _Nft()
+    e = Engine(config_from_dict({"dns": {"upstreams": ["203.0.113.2"]}}), nft=nft,  # type: ignore[arg-type]
+               clock=lambda: t[0])
+    policies = {"default-policy": default_policy(), "restricted-etl": parse_policy(world.policy("restricted-etl"))}
+    e.apply(_state(policies), reason="test")
+    asyncio.run(e.program(Target("1001", "pypi.org"), (("198.51.100.1", 60), ("2001:db8::1", 60))))
+    t[0] += 62
+    assert e.expire() == 2
+    assert nft.scripts[-1].splitlines() == [
+        "add element inet egressd ws_1001_dyn4 { 198.51.100.1 }",
+        "delete element inet egressd ws_1001_dyn4 { 198.51.100.1 }",
+        "add element inet egressd ws_1001_dyn6 { 2001:db8::1 }",
+        "delete element inet egressd ws_1001_dyn6 { 2001:db8::1 }",
+    ]
+    assert e.counters["expired_deleted"] == 2 and e.counters["expire_delete_errors"] == 0
+    # Refused deletes: counted, warned about once a minute, and the IPs still leave the cache (the
+    # kernel's timeout removes them GRACE seconds later).
+    asyncio.run(e.program(Target("1001", "pypi.org"), (("198.51.100.20", 60),)))
+    t[0] += 10
+    asyncio.run(e.program(Target("1001", "pypi.org"), (("198.51.100.21", 60),)))
+    nft.fail = True
+    with capture_logs() as logs:
+        t[0] += 52  # the first is due
+        assert e.expire() == 1
+        t[0] += 10  # the second is due, 10 s after the first warning
+        assert e.expire() == 1
+    nft.fail = False
+    assert e.counters["expire_delete_errors"] == 2 and e.counters["expired_deleted"] == 2
+    warned = [x for x in logs if x["event"] == "expired_delete_failed"]
+    assert len(warned) == 1 and warned[0]["ips"] == 1 and warned[0]["failures"] == 1
+    assert e.cache.size("1001") == 0

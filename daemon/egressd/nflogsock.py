@@ -27,11 +27,11 @@ from egressd.core import nflog
 from egressd.core.nflog import Ack, LoggedPacket, NetlinkError
 from egressd.errors import EgressdError
 from egressd.netns import entered
+from egressd.sockbuf import set_buffer
 
 log = structlog.get_logger("egressd.nflog")
 
 NETLINK_NETFILTER = 12
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 RECV_SIZE = 256 * 1024  # above the kernel's 128 KiB batch limit, so a datagram fits
 MAX_READS_PER_WAKEUP = 64
 MAX_PENDING = 10_000  # packets kept while configuring, before start()
@@ -89,7 +89,7 @@ class NflogReader:
         self._closed = False
         self._sock = socket_in_netns(netns)
         try:
-            self._set_rcvbuf(rcvbuf)
+            set_buffer(self._sock, rcvbuf)
             self._sock.bind((0, 0))
             deadline = time.monotonic() + ack_timeout
             try:
@@ -118,12 +118,6 @@ class NflogReader:
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
-
-    def _set_rcvbuf(self, size: int) -> None:
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-        except OSError:  # no CAP_NET_ADMIN: capped by net.core.rmem_max
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
     def _request(self, build: Callable[[int], bytes], deadline: float) -> None:
         """Send one config request (``build(seq)``) and wait for its ack. Packets that arrive

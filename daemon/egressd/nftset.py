@@ -26,6 +26,7 @@ from .core.nfmsg import (
     parse_setelem_dump,
 )
 from .errors import ApplyError
+from .sockbuf import set_buffer
 
 TABLE = "egressd"  # of family inet
 NETLINK_NETFILTER = 12
@@ -33,8 +34,6 @@ SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10  # error ACKs carry the request's header only, not the whole request
 _BUF = 4 * 1024 * 1024
 _RECV = 256 * 1024
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 class NftSetError(ApplyError):
@@ -52,14 +51,10 @@ def _open(timeout: float) -> socket.socket:
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
     try:
         s.bind((0, 0))
-        # The FORCE options (CAP_NET_ADMIN, which changing nftables needs anyway) pass over
-        # net.core.wmem_max and rmem_max: at Debian's default (212,992) a batch over about
-        # 416 KB (about 3,100 IPs, at 137 bytes an IP with a 22-character name) failed with EMSGSIZE.
-        for force, opt in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-            try:
-                s.setsockopt(socket.SOL_SOCKET, force, _BUF)
-            except OSError:
-                s.setsockopt(socket.SOL_SOCKET, opt, _BUF)
+        # Forced past net.core.wmem_max: at Debian's default a batch over about 416 KB (about
+        # 3,100 IPs, at 137 bytes an IP with a 22-character name) failed with EMSGSIZE.
+        set_buffer(s, _BUF, send=True)
+        set_buffer(s, _BUF)
         try:
             s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         except OSError:

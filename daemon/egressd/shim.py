@@ -50,6 +50,7 @@ from egressd.core.dnsmsg import (
 )
 from egressd.errors import DnsFormatError
 from egressd.metrics import Histogram
+from egressd.sockbuf import set_buffer
 
 log = structlog.get_logger("egressd.shim")
 
@@ -61,7 +62,6 @@ _PROGRAM_MIN = 0.05  # ... and gets at least this long
 _TCP_PIPELINE = 64  # queries in flight per TCP connection before we stop reading it
 _TCP_WRITE_HIGH = 256 * 1024
 _UDP_RCVBUF = 4 * 1024 * 1024
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _WARN_EVERY = 10.0  # seconds between repeated warnings of one kind
 _POOL_SOCKETS = 16  # connected UDP sockets per upstream
 _POOL_ROTATE = 64  # queries per socket before it is replaced (a new source port)
@@ -112,14 +112,12 @@ def _bind(host: str, port: int, kind: socket.SocketKind) -> socket.socket:
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         else:
-            # Forced (CAP_NET_ADMIN) past net.core.rmem_max, whose Debian default (212,992)
-            # would leave a burst 425,984 bytes of queued queries.
-            for opt in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, _UDP_RCVBUF)
-                    break
-                except OSError:
-                    pass
+            # Forced past net.core.rmem_max, whose Debian default would leave a burst 425,984
+            # bytes of queued queries.
+            try:
+                set_buffer(sock, _UDP_RCVBUF)
+            except OSError:
+                pass
         sock.bind((host, port))
         if kind == socket.SOCK_STREAM:
             sock.listen(1024)

@@ -28,7 +28,7 @@ from .core.dnsmsg import EDE_OTHER, REFUSED, Query
 from .core.ipcache import EXPIRE_STEP, GRACE, IpCache
 from .core.plan import Plan, build_plan
 from .core.policy import Policy
-from .core.ratelimit import TokenBuckets
+from .core.ratelimit import TokenBuckets, WarnLimiter
 from .core.ruleset import (
     GENERATION_PREFIX,
     RenderOptions,
@@ -151,7 +151,7 @@ class Engine:
         # transactions of them refused).
         self.counters = {"programmed_ips": 0, "program_errors": 0, "set_transactions": 0,
                          "expired_deleted": 0, "expire_delete_errors": 0}
-        self._delete_warned = float("-inf")
+        self._delete_warns = WarnLimiter(60.0)
         # The per-workload DNS query rate limit (buckets by workload id) and its rejections by workspace.
         self.dns_limit = TokenBuckets(cfg.dns.rate_limit_qps, cfg.dns.rate_limit_burst)
         self.dns_rate_limited: Counter[str] = Counter()
@@ -463,12 +463,11 @@ class Engine:
                 self.nft.run(withdraw_elements(sets))
         except Exception as e:  # noqa: BLE001 - the kernel's timeout is the fallback
             self.counters["expire_delete_errors"] += 1
-            now = self.clock()
-            if now >= self._delete_warned + 60:
+            suppressed = self._delete_warns.due("expired_delete_failed", self.clock())
+            if suppressed is not None:
                 log.warning("expired_delete_failed", ips=n, error=str(e),
                             fallback=f"the kernel's timeout, {GRACE} s later",
-                            failures=self.counters["expire_delete_errors"])
-                self._delete_warned = now
+                            failures=self.counters["expire_delete_errors"], suppressed_warnings=suppressed)
         else:
             self.counters["expired_deleted"] += n
 

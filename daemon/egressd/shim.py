@@ -48,6 +48,7 @@ from egressd.core.dnsmsg import (
     truncate_for_udp,
     with_id,
 )
+from egressd.core.ratelimit import WarnLimiter
 from egressd.errors import DnsFormatError
 from egressd.metrics import Histogram
 from egressd.sockbuf import set_buffer
@@ -174,7 +175,7 @@ class DnsShim:
         self._servers: list[asyncio.base_events.Server] = []
         self._tcp_conns: set[_TcpConn] = set()
         self._bound: list[tuple[str, int]] = []
-        self._last_warn: dict[str, float] = {}
+        self._warns = WarnLimiter(_WARN_EVERY)
         # The answer cache needs generation() (the policy generation; any change clears the
         # cache). admit() is the per-client rate limit, which a hit must still pass; None when
         # there is none (rate_limit_qps = 0), so a hit costs no call for it.
@@ -521,9 +522,7 @@ class DnsShim:
 
     def _warn(self, key: str, event: str, **kw: object) -> None:
         """A warning at most every _WARN_EVERY seconds per key; debug otherwise."""
-        now = asyncio.get_running_loop().time()
-        if now - self._last_warn.get(key, -_WARN_EVERY) >= _WARN_EVERY:
-            self._last_warn[key] = now
+        if self._warns.due(key, asyncio.get_running_loop().time()) is not None:
             log.warning(event, **kw)
         else:
             log.debug(event, **kw)

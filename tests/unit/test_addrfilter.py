@@ -131,7 +131,7 @@ def test_warn_due_memory_is_bounded() -> None:
     assert [fc.warn_due(str(i), 0.0) for i in range(4)] == [0, 0, 0, 0]
     assert fc.warn_due("new", 1.0) is None  # full of recent keys: quiet
     assert fc.warn_due("new", 11.0) == 0  # the old ones aged out
-    assert len(fc._last) <= 4
+    assert len(fc._warns) <= 4
 
 
 def test_module_is_pure() -> None:

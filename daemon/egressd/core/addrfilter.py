@@ -28,6 +28,7 @@ from collections.abc import Container, Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from ..errors import EgressdError
+from .ratelimit import WarnLimiter
 
 IP = IPv4Address | IPv6Address
 
@@ -176,21 +177,9 @@ class FilterCounters:
         self.filtered: Counter[str] = Counter({r: 0 for r in REASONS})
         self.capped = 0
         self.refused_answers = 0
-        self._warn_every = warn_every
-        self._max_keys = max_keys
-        self._last: dict[str, tuple[float, int]] = {}  # key -> (last warning, suppressed since)
+        self._warns = WarnLimiter(warn_every, max_keys)
 
     def warn_due(self, key: str, now: float) -> int | None:
         """None while ``key`` warned less than ``warn_every`` seconds ago (the call is counted as
         suppressed); otherwise the number of warnings suppressed since the last one."""
-        last = self._last.get(key)
-        if last is not None and now - last[0] < self._warn_every:
-            self._last[key] = (last[0], last[1] + 1)
-            return None
-        if last is None and len(self._last) >= self._max_keys:
-            cutoff = now - self._warn_every
-            self._last = {k: v for k, v in self._last.items() if v[0] > cutoff}
-            if len(self._last) >= self._max_keys:
-                return None  # a storm of distinct keys: stay quiet, the counters still count
-        self._last[key] = (now, 0)
-        return last[1] if last is not None else 0
+        return self._warns.due(key, now)

@@ -1,4 +1,5 @@
-"""Token buckets by key: the per-workload DNS query rate limit.
+"""Token buckets by key: the per-workload DNS query rate limit; and WarnLimiter, which rate-limits
+repeated warnings.
 
     query from workload W ──allow(W, now)──▶ bucket W: refill rate × elapsed (at most burst)
                                               ≥ 1 token? take one: True : False
@@ -82,3 +83,32 @@ class TokenBuckets:
         live = set(keys)
         for k in [k for k in self._buckets if k not in live]:
             del self._buckets[k]
+
+
+class WarnLimiter:
+    """At most one warning per key every ``every`` seconds, counting the ones held back.
+    ``max_keys`` bounds the memory under a storm of distinct keys (expired keys are dropped
+    first; if all are recent, new keys stay quiet)."""
+
+    def __init__(self, every: float, max_keys: int = 4096) -> None:
+        self.every = every
+        self._max_keys = max_keys
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last warning, suppressed since)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def due(self, key: str, now: float) -> int | None:
+        """None while ``key`` warned less than ``every`` seconds ago (the call is counted as
+        suppressed); otherwise the number of warnings suppressed since the last one."""
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.every:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._last) >= self._max_keys:
+            cutoff = now - self.every
+            self._last = {k: v for k, v in self._last.items() if v[0] > cutoff}
+            if len(self._last) >= self._max_keys:
+                return None  # a storm of distinct keys: stay quiet, the counters still count
+        self._last[key] = (now, 0)
+        return last[1] if last is not None else 0

@@ -101,7 +101,9 @@ cp /guest.sh /newroot/guest.sh; chmod +x /newroot/guest.sh
 cat /proc/cmdline > /newroot/cmdline
 mount -t proc proc /newroot/proc; mount -t sysfs sys /newroot/sys
 mount --move /dev /newroot/dev
-mount -t tmpfs tmpfs /newroot/run; mount -t tmpfs tmpfs /newroot/tmp
+# /run fresh (the host's netns and sockets mean nothing here); /tmp as the host has it, since
+# the checkout may be there (the overlay takes the writes)
+mount -t tmpfs tmpfs /newroot/run
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts; mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t cgroup2 none /newroot/sys/fs/cgroup 2>/dev/null

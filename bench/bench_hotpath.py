@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from benchlab import (  # noqa: E402
     BENCH_UPSTREAM,
     BenchLab,
     alternate,
+    cpu_seconds,
     dnsperf,
     median,
     renice,
@@ -48,18 +48,16 @@ from benchlab import (  # noqa: E402
 SHIM_PORT = 10053  # egressd.lab.world's listen_port
 FLOOR_NAT_PORT = 5356
 HOT_NAMES = 1000
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _counters(pid: int) -> tuple[float, float, int]:
     """(user, system) CPU seconds and involuntary context switches of process ``pid``, all threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     invol = 0
     for t in Path(f"/proc/{pid}/task").iterdir():
         for line in (t / "status").read_text().splitlines():
             if line.startswith("nonvoluntary_ctxt_switches:"):
                 invol += int(line.split()[1])
-    return int(fields[11]) / _TICK, int(fields[12]) / _TICK, invol
+    return (*cpu_seconds(pid), invol)
 
 
 def run(seconds: float = 5, rounds: int = 5, fraction: float = 0.8, shim_nice: int = 0, log=print) -> dict:

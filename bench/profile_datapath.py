@@ -8,8 +8,9 @@ closes with an RST, as fast as one core lets it. The kernel handles each connect
 the client's and the sink's system calls (veth delivers inline), so every CPU's samples count.
 For each side: connections per second, and the CPU per connection (microseconds, every CPU, idle
 left out) in all, in netfilter's hooks (``nf_hook_slow``, inclusive), and in the parts below,
-each inclusive of what it calls. The parts overlap where one calls another (a ``fib`` lookup
-inside rule evaluation); the shares are read off one perf call graph per run. Then the self time
+each inclusive of what it calls: a sample counts once for a part when any of its symbols is in
+the sample's call chain (``perf script``). The parts overlap where one calls another (a ``fib``
+lookup inside rule evaluation). Then the self time
 by the symbol's family (conntrack, NAT, nftables, netfilter core, other kernel, user space), and
 the symbols whose self time grew most from no table to egressd. A VM samples with a timer, so
 work done with interrupts off is counted where they come back on: trust the inclusive rows more.
@@ -32,10 +33,8 @@ from bench_datapath import CLIENT, CT_ONLY, SINK, SINK_PORT, _fill, _table_exist
 from benchlab import BenchLab, alternate, median, routed_ip, unique_ip
 
 PERF_HZ = 1999
-IDLE_SELF = {"pv_native_safe_halt", "default_idle", "native_safe_halt", "acpi_idle_do_entry", "poll_idle",
-             "intel_idle", "mwait_idle", "cpuidle_enter_state"}
-# (label, symbols whose inclusive time is summed; a sample counted once per part is not
-# guaranteed when two of them nest, so each part names entry points that do not call each other)
+KERNEL_BASE = 0xFFFF800000000000  # x86-64: addresses from here up are the kernel's
+# (label, symbols: a sample counts once for a part when any of them is in its call chain)
 PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("netfilter hooks, all (nf_hook_slow)", ("nf_hook_slow",)),
     ("conntrack: lookup and new entries (nf_conntrack_in)", ("nf_conntrack_in",)),
@@ -58,29 +57,21 @@ FAMILIES: list[tuple[str, re.Pattern[str]]] = [  # self time, by the symbol's na
 ]
 
 
-def _perf_report(data: Path) -> tuple[int, dict[str, float], dict[str, tuple[float, bool]]]:
-    """(samples, {symbol: inclusive samples}, {symbol: (self samples, is kernel)}) of a perf.data file."""
-    rep = subprocess.run(["perf", "report", "-i", str(data), "--children", "--sort", "sym", "-g", "none",
-                          "--percent-limit", "0", "--stdio"], capture_output=True, text=True, timeout=600)
-    if "# Samples:" not in rep.stdout:
-        raise RuntimeError(f"perf report printed no samples: {rep.stderr[-500:]}")
-    # The header rounds the count ("28K"): count the samples themselves.
-    cnt = subprocess.run(["perf", "script", "-i", str(data), "-F", "ip", "-G"], capture_output=True,
-                         text=True, timeout=600)
-    total = sum(1 for line in cnt.stdout.splitlines() if line.strip())
-    if cnt.returncode != 0 or not total:
-        raise RuntimeError(f"perf script counted no samples: {cnt.stderr[-500:]}")
-    children: dict[str, float] = {}
-    selfs: dict[str, tuple[float, bool]] = {}
-    line_re = re.compile(r"^\s+([0-9.]+)%\s+([0-9.]+)%\s+\[([k.])\]\s+(\S+)")
-    for line in rep.stdout.splitlines():
-        lm = line_re.match(line)
-        if lm:
-            sym = lm.group(4)
-            children[sym] = children.get(sym, 0.0) + float(lm.group(1)) / 100 * total
-            prev = selfs.get(sym, (0.0, True))[0]
-            selfs[sym] = (prev + float(lm.group(2)) / 100 * total, lm.group(3) == "k")
-    return total, children, selfs
+def _perf_samples(data: Path) -> list[tuple[str, bool, frozenset[str]]]:
+    """Each sample of a perf.data file (recorded with -g): (its leaf symbol, whether that is the
+    kernel's, every symbol of its call chain)."""
+    cp = subprocess.run(["perf", "script", "-i", str(data), "-F", "ip,sym"], capture_output=True,
+                        text=True, timeout=600)
+    out = []
+    for block in cp.stdout.split("\n\n"):
+        frames = [line.split(None, 1) for line in block.splitlines() if line.strip()]
+        if frames:
+            leaf = frames[0]
+            out.append((leaf[1] if len(leaf) > 1 else "[unknown]", int(leaf[0], 16) >= KERNEL_BASE,
+                        frozenset(f[1] for f in frames if len(f) > 1)))
+    if cp.returncode != 0 or not out:
+        raise RuntimeError(f"perf script gave no samples: {cp.stderr[-500:]}")
+    return out
 
 
 def _family(sym: str, kernel: bool) -> str:
@@ -115,22 +106,21 @@ def run(conn_seconds: float = 5, rounds: int = 3, ips: int = 100_000, log=print)
             perf.wait(timeout=60)
             ok, fail, secs = cp.stdout.split()
             conns = int(ok)
-            total, children, selfs = _perf_report(data)
-            busy = total - children.get("do_idle", 0.0)  # the idle loop, inclusive
+            samples = [x for x in _perf_samples(data) if "do_idle" not in x[2]]  # the idle loop left out
             # The recording is 1.5 s longer than the loop; those moments are idle (left out) but
             # for the machine's background work, which the figures then include.
             us = 1e6 / PERF_HZ / max(conns, 1)
+            selfs: dict[str, float] = {}
+            fam: dict[str, float] = {}
+            for leaf, kernel, _chain in samples:
+                selfs[leaf] = selfs.get(leaf, 0.0) + us
+                f = _family(leaf, kernel)
+                fam[f] = fam.get(f, 0.0) + us
             res = {"connections": conns, "failures": int(fail), "conn_per_s": conns / float(secs),
-                   "busy_us_per_conn": busy * us,
-                   "parts_us_per_conn": {label: sum(children.get(s, 0.0) for s in syms) * us
+                   "busy_us_per_conn": len(samples) * us,
+                   "parts_us_per_conn": {label: sum(1 for x in samples if not x[2].isdisjoint(syms)) * us
                                          for label, syms in PARTS},
-                   "self_us_per_conn": {sym: n * us for sym, (n, _k) in selfs.items() if sym != "pv_native_safe_halt"},
-                   "families_us_per_conn": {}}
-            fam = res["families_us_per_conn"]
-            for sym, (n, kernel) in selfs.items():
-                if children.get(sym, 0.0) and sym not in IDLE_SELF:
-                    f = _family(sym, kernel)
-                    fam[f] = fam.get(f, 0.0) + n * us
+                   "self_us_per_conn": selfs, "families_us_per_conn": fam}
             data.unlink()
             log(f"  {side:15s} {res['conn_per_s']:7.0f} conn/s  busy {res['busy_us_per_conn']:6.1f} us/conn"
                 f"  netfilter {res['parts_us_per_conn'][PARTS[0][0]]:5.1f} us/conn")

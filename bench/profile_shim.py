@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchlab import BENCH_UPSTREAM, BenchLab, parse_dnsperf, unique_name, write_queries
+from benchlab import BENCH_UPSTREAM, BenchLab, cpu_seconds, parse_dnsperf, unique_name, write_queries
 
 PYSPY = str(Path(sys.executable).parent / "py-spy")
 
@@ -41,11 +40,6 @@ CATEGORIES = [
     ("socket receive (_read_ready)", re.compile(r"_read_ready")),
     ("asyncio machinery (tasks, futures, handles, timers)", re.compile(r"\((asyncio|<frozen|selectors)")),
 ]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summarize(raw: Path, top: int = 25) -> dict:
@@ -105,14 +99,14 @@ def profile(bl: BenchLab, mix: str, datafile: Path, seconds: float, out: Path, l
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(1.5)
     raw = out / f"profile-{mix}.txt"
-    cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+    cpu0, t0 = sum(cpu_seconds(pid)), time.monotonic()
     # Blocking sampling (py-spy pauses the daemon 100 times a second for a consistent stack; it costs
     # the daemon ~10 % of its throughput). --nonblocking skews the shares towards long C calls.
     for fmt, path in (("raw", raw), ("flamegraph", out / f"profile-{mix}.svg")):
         subprocess.run([PYSPY, "record", "-r", "100", "-d", f"{seconds:g}", "-f", fmt, "-o", str(path),
                         "--pid", str(pid)], check=True, capture_output=True, timeout=seconds + 60)
         if fmt == "raw":
-            cpu = 100 * (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+            cpu = 100 * (sum(cpu_seconds(pid)) - cpu0) / (time.monotonic() - t0)
     text, _ = dp.communicate(timeout=total + 30)
     res = {"mix": mix, "seconds": seconds, "cpu_percent": round(cpu, 1), "dnsperf": parse_dnsperf(text),
            "summary": summarize(raw)}

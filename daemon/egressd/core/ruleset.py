@@ -37,6 +37,8 @@ def set_grace(comment: str) -> int:
         except ValueError:
             return 0
     return 0
+
+
 _TEMPLATES = resources.files("egressd.nft")
 _TABLE_T = Template(_TEMPLATES.joinpath("table.nft").read_text())
 _WS_T = Template(_TEMPLATES.joinpath("workspace.nft").read_text())
